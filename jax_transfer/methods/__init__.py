@@ -1,0 +1,16 @@
+"""Methods by name. Each module defines one `Method` subclass (see base.py)."""
+from __future__ import annotations
+
+import importlib
+
+# name -> "module:Class", imported on use so a method's extra dependencies load only when run.
+METHODS = {
+    "supervised": "jax_transfer.methods.supervised:Supervised",
+}
+
+
+def get_method(name: str):
+  if name not in METHODS:
+    raise ValueError(f"method={name!r} is unknown; allowed: {sorted(METHODS)}")
+  module, cls = METHODS[name].split(":")
+  return getattr(importlib.import_module(module), cls)

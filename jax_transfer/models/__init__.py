@@ -1,0 +1,22 @@
+"""Model registry: configs choose a model by name (`config.model_name`), big_vision style.
+
+Each entry is a factory `(**kwargs) -> nn.Module`. Other model files register themselves by
+adding to MODELS (e.g. MODELS['two_towers'] = make_two_towers) — the registry stays open.
+"""
+from typing import Callable
+
+import flax.linen as nn
+
+from jax_transfer.models.vit import ViT, decode_variant, make_vit
+
+MODELS: dict[str, Callable[..., nn.Module]] = {'vit': make_vit}
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+  """get_model('vit', variant='b/16', num_classes=1000) -> ViT."""
+  if name not in MODELS:
+    raise ValueError(f'Unknown model {name!r}; allowed: {", ".join(sorted(MODELS))}')
+  return MODELS[name](**kwargs)
+
+
+__all__ = ['MODELS', 'ViT', 'decode_variant', 'get_model', 'make_vit']

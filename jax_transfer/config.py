@@ -1,0 +1,146 @@
+"""The platform's config schema and its validation.
+
+`base_config()` lists every key the platform reads, with its default and type. Config files in
+ml_collections_configs/ start from it (methods add their own section). `validate` runs before
+anything is compiled: every problem is a one-line `ConfigError` naming the key and what is
+allowed, which main.py prints and turns into a non-zero exit.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Keys a method may add beyond the base (their sections are validated by the method).
+METHOD_SECTIONS = ("contrastive", "icl", "learngene", "distill", "transfer_eval")
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line naming the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "supervised"
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every_steps = 50
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.grad_accum_steps = 1
+
+  # Parallelism: mesh axis sizes (-1 = the rest) and logical -> mesh axis rules.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = [
+      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
+      ("heads", "tensor"), ("vocab", "tensor"), ("kv", None), ("length", None),
+      ("classes", None)]
+
+  c.input = ml_collections.ConfigDict(dict(
+      dataset="digits", data_dir=ml_collections.config_dict.placeholder(str),
+      train_split="train", global_batch_size=64, label_key="label",
+      classes=ml_collections.config_dict.placeholder(list),
+      examples_per_class=ml_collections.config_dict.placeholder(int), subset_seed=0,
+      image_size=ml_collections.config_dict.placeholder(int), num_workers=0, prefetch=2))
+  c.eval = ml_collections.ConfigDict(dict(split="test", batch_size=256))
+
+  c.model_name = "vit"
+  c.model = ml_collections.ConfigDict(dict(
+      variant="mu/2", num_classes=10, pool="cls", dropout=0.0, dtype="float32",
+      remat=False))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9,
+      grad_clip_norm=1.0, wd_exclude_regex=r"(bias|scale|pos_embedding|cls)$",
+      trainable_regex=".*"))
+  c.schedule = ml_collections.ConfigDict(dict(name="cosine", warmup_steps=50,
+                                              end_lr_ratio=0.0))
+
+  # Initialise from an exported checkpoint (transfer): regex-selected subtrees.
+  c.init = ml_collections.ConfigDict(dict(
+      export_dir=ml_collections.config_dict.placeholder(str), load_regex=".*",
+      skip_regex="^head/"))
+  return c
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _check_keys(config, reference, prefix=""):
+  """Every key of `config` must exist in `reference` with a compatible type."""
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if prefix == "" and key in METHOD_SECTIONS:
+      continue
+    if key not in reference:
+      close = [k for k in reference.keys() if k[:3] == key[:3]]
+      raise ConfigError(f"unknown config key {name!r}; allowed keys here: "
+                        f"{sorted(reference.keys())}" + (f" (did you mean {close[0]!r}?)"
+                                                          if close else ""))
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {name!r} must be a section, got {value!r}")
+      _check_keys(value, ref, prefix=name + ".")
+    elif ref is not None and value is not None:
+      ok = (isinstance(value, type(ref)) or
+            (isinstance(ref, float) and isinstance(value, int)) or
+            (isinstance(ref, (list, tuple)) and isinstance(value, (list, tuple))))
+      if isinstance(ref, bool) != isinstance(value, bool):
+        ok = False
+      if not ok:
+        raise ConfigError(f"config key {name!r} must be {type(ref).__name__}, got "
+                          f"{type(value).__name__} {value!r}")
+
+
+def _positive(config, *keys):
+  for key in keys:
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if not value > 0:
+      raise ConfigError(f"{key}={value!r} must be > 0")
+
+
+def validate(config, num_devices: int) -> None:
+  """Checks shared by every method. Raises ConfigError (one line) on the first problem."""
+  from jax_transfer import methods, models, optim, parallel  # Avoid import cycles.
+  if config.get("method") not in methods.METHODS:
+    raise ConfigError(f"method={config.get('method')!r} is unknown; allowed: "
+                      f"{sorted(methods.METHODS)}")
+  _check_keys(config, base_config())
+  if config.model_name not in models.MODELS:
+    raise ConfigError(f"model_name={config.model_name!r} is unknown; allowed: "
+                      f"{sorted(models.MODELS)}")
+  _positive(config, "total_steps", "log_every_steps", "eval_every_steps",
+            "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps",
+            "input.global_batch_size", "eval.batch_size", "optimizer.lr")
+  if config.optimizer.weight_decay < 0:
+    raise ConfigError(f"optimizer.weight_decay={config.optimizer.weight_decay} must be >= 0")
+  if config.optimizer.name not in optim.OPTIMIZERS:
+    raise ConfigError(f"optimizer.name={config.optimizer.name!r} is unknown; allowed: "
+                      f"{optim.OPTIMIZERS}")
+  if config.schedule.name not in optim.SCHEDULES:
+    raise ConfigError(f"schedule.name={config.schedule.name!r} is unknown; allowed: "
+                      f"{optim.SCHEDULES}")
+  if config.model.get("dtype", "float32") not in DTYPES:
+    raise ConfigError(f"model.dtype={config.model.dtype!r} is unknown; allowed: {DTYPES}")
+  try:
+    shape = parallel.resolve_mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  dp = shape[0] * shape[1]
+  gbs, accum = config.input.global_batch_size, config.grad_accum_steps
+  if gbs % (dp * accum):
+    raise ConfigError(
+        f"input.global_batch_size={gbs} must be divisible by the data-parallel size "
+        f"(mesh.data*mesh.fsdp={dp}) times grad_accum_steps={accum}")
+  if config.eval.batch_size % dp:
+    raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be divisible by the "
+                      f"data-parallel size (mesh.data*mesh.fsdp={dp})")
+  axes = set(parallel.MESH_AXES)
+  for rule in config.sharding_rules:
+    mesh_axes = rule[1] if isinstance(rule[1], (list, tuple)) else [rule[1]]
+    bad = [a for a in mesh_axes if a is not None and a not in axes]
+    if bad:
+      raise ConfigError(f"sharding_rules: {rule[0]!r} maps to unknown mesh axis {bad[0]!r};"
+                        f" allowed: {sorted(axes)}")

@@ -1,0 +1,344 @@
+"""TFDS data sources + grain pipelines for training and evaluation.
+
+Reading is random access (`tfds.data_source`, array_record), so the whole
+pipeline is a grain `MapDataset` over record indices: shuffling, per-process
+slicing and label filtering are index arithmetic, and the iterator state is
+just a position (JSON-serialisable; it goes into the checkpoint).
+
+Model inputs (one example; batches add a leading [B] axis):
+  image: float32 [H, W, C] in [-1, 1]
+  label: int32 [] (from `input_cfg.label_key`, remapped if `classes`)
+  shapes_captions also: caption str, shape/color/size/position int32 [].
+  eval batches also: mask bool [] (False for padding).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from absl import flags
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jax_transfer.data import builders
+
+_PASSTHROUGH_INT = ('shape', 'color', 'size', 'position')  # shapes_captions.
+
+
+class DatasetNotPreparedError(ValueError):
+  """The TFDS dataset has no prepared files at the requested data_dir."""
+
+
+# ----------------------------------------------------------------------------
+# Sources and metadata
+# ----------------------------------------------------------------------------
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """Prepared builder for `name`; embedded datasets are built on first use."""
+  data_dir = data_dir or builders.default_data_dir()
+  if name in builders.EMBEDDED:
+    builders.ensure_embedded(name, data_dir)
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise DatasetNotPreparedError(
+        f'Dataset {name!r} is not prepared at data_dir={data_dir!r} (looked '
+        f'in {builder.data_dir}). Prepare it with:\n'
+        f'  tfds build {name} --data_dir={data_dir} --file_format=array_record'
+        '\n(building catalogue datasets may need the [tf] extra: '
+        "pip install 'jax_transfer[tf]').")
+  return builder
+
+
+def get_source(name: str, split: str, data_dir: str | None = None):
+  """Random-access source for `name[split]`: `len()` and `[i]` -> dict of numpy.
+
+  Raises:
+    DatasetNotPreparedError: not prepared at data_dir (embedded datasets are
+      built automatically instead).
+    ValueError: unknown split (the message lists the available ones).
+  """
+  data_dir = data_dir or builders.default_data_dir()
+  builder = _builder(name, data_dir)
+  available = sorted(builder.info.splits.keys())
+  # Accept tfds split syntax ('train[:90%]', 'train+test') but check the names.
+  for part in split.split('+'):
+    if part.split('[')[0].strip() not in available:
+      raise ValueError(f'Unknown split {split!r} for dataset {name!r}; '
+                       f'available splits: {available}.')
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir,
+                            download=False)
+  except (ImportError, NotImplementedError) as e:
+    # tfrecord-only datasets have no random access; decoding some features
+    # (e.g. tfds Video, Sequence) also imports TensorFlow.
+    raise RuntimeError(
+        f'Reading {name!r} from {builder.data_dir} needs TensorFlow or a '
+        "different file format: install the [tf] extra (pip install "
+        "'jax_transfer[tf]') and re-prepare it with `tfds build "
+        f'{name} --data_dir={data_dir} '
+        f'--file_format=array_record`. Original error: {e}') from e
+
+
+def dataset_info(name: str, data_dir: str | None = None,
+                 label_key: str | None = None) -> dict:
+  """Metadata used by config validation and evaluators.
+
+  Returns dict with: num_classes and class_names (list[str]) of `label_key`
+  (None if label_key is None and there is no 'label' feature, e.g. for
+  shapes_captions), image_shape (H, W, C), num_examples ({split: int}),
+  label_key, and attributes ({feature: class names}) for every ClassLabel.
+  Raises ValueError if an explicit `label_key` is not a ClassLabel feature.
+  """
+  builder = _builder(name, data_dir)
+  features = builder.info.features
+  attributes = {k: list(f.names) for k, f in features.items()
+                if isinstance(f, tfds.features.ClassLabel)}
+  if label_key is not None and label_key not in attributes:
+    raise ValueError(f'{name!r} has no ClassLabel feature {label_key!r}; '
+                     f'choose from {sorted(attributes)}.')
+  label_key = label_key or 'label'
+  names = attributes.get(label_key)
+  return {
+      'num_classes': None if names is None else len(names),
+      'class_names': names,
+      'image_shape': tuple(features['image'].shape),
+      'num_examples': {k: v.num_examples for k, v in builder.info.splits.items()},
+      'label_key': label_key,
+      'attributes': attributes,
+  }
+
+
+# ----------------------------------------------------------------------------
+# Index selection: class filter and few-shot subset
+# ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _read_labels(name: str, split: str, data_dir: str, key: str) -> np.ndarray:
+  """All labels of a split, int64 [N]. Read once; decodes whole records."""
+  source = get_source(name, split, data_dir)
+  labels = np.empty(len(source), np.int64)
+  chunk = 1024
+  for start in range(0, len(source), chunk):
+    idx = list(range(start, min(start + chunk, len(source))))
+    labels[idx] = [int(ex[key]) for ex in source.__getitems__(idx)]
+  return labels
+
+
+def select_indices(input_cfg: ml_collections.ConfigDict, split: str, *,
+                   few_shot: bool) -> np.ndarray:
+  """Record indices of `split` to read, int64 [M], sorted.
+
+  Keeps only `input_cfg.classes` (if set) and, if `few_shot`, a subset of
+  `examples_per_class` per class chosen with `subset_seed`.
+  """
+  classes = input_cfg.get('classes')
+  k = input_cfg.get('examples_per_class') if few_shot else None
+  data_dir = input_cfg.get('data_dir') or builders.default_data_dir()
+  if classes is None and k is None:
+    return np.arange(len(get_source(input_cfg.dataset, split, data_dir)))
+  labels = _read_labels(input_cfg.dataset, split, data_dir, _label_key(input_cfg))
+  keep = list(classes) if classes is not None else sorted(set(labels.tolist()))
+  if k is None:
+    return np.flatnonzero(np.isin(labels, keep))
+  rng = np.random.default_rng(input_cfg.get('subset_seed', 0))
+  chosen = []
+  for c in keep:  # Fixed class order, so the draw is deterministic.
+    members = np.flatnonzero(labels == c)
+    if len(members) < k:
+      raise ValueError(f'Class {c} of {input_cfg.dataset}[{split}] has only '
+                       f'{len(members)} examples, examples_per_class={k}.')
+    chosen.append(rng.choice(members, size=k, replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
+def _label_key(input_cfg) -> str:
+  return input_cfg.get('label_key') or 'label'
+
+
+# ----------------------------------------------------------------------------
+# Preprocessing (module-level classes: picklable for grain worker processes)
+# ----------------------------------------------------------------------------
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear resize of uint8 [H, W, C] to [size, size, C] (PIL, per channel)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  channels = [np.asarray(Image.fromarray(image[..., c]).resize(
+      (size, size), Image.BILINEAR)) for c in range(image.shape[-1])]
+  return np.stack(channels, axis=-1)
+
+
+class _Preprocess:
+  """Record index -> model-input dict (see module docstring)."""
+
+  def __init__(self, source, input_cfg):
+    self.source = source
+    self.label_key = _label_key(input_cfg)
+    classes = input_cfg.get('classes')
+    # Lookup table old label -> new label; -1 marks dropped classes.
+    self.remap = None
+    if classes is not None:
+      self.remap = np.full(max(classes) + 1, -1, np.int64)
+      self.remap[list(classes)] = np.arange(len(classes))
+    self.image_size = input_cfg.get('image_size')
+
+  def __call__(self, index) -> dict:
+    ex = self.source[int(index)]
+    image = np.asarray(ex['image'])
+    if image.ndim == 2:
+      image = image[..., None]
+    if self.image_size and image.shape[:2] != (self.image_size,) * 2:
+      image = _resize(image, self.image_size)
+    label = int(ex[self.label_key])
+    if self.remap is not None:
+      label = int(self.remap[label])
+      assert label >= 0, 'index selection must have dropped other classes'
+    out = {
+        'image': image.astype(np.float32) / 127.5 - 1.0,
+        'label': np.int32(label),
+    }
+    if 'caption' in ex:
+      caption = ex['caption']
+      out['caption'] = caption.decode() if isinstance(caption, bytes) else str(caption)
+    for key in _PASSTHROUGH_INT:
+      if key in ex:
+        out[key] = np.int32(ex[key])
+    return out
+
+
+class _ProcessSlice(grain.MapDataset):
+  """This process's view of a global stream cut into global batches.
+
+  Element k of process p is global element
+  (k // b) * B + p * b + k % b, with b = B / P: each global batch of size B
+  is split into P contiguous slices, so concatenating the process batches in
+  process order reproduces the 1-process global batch exactly.
+  """
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent, process_index: int, process_count: int,
+               per_process_batch: int):
+    super().__init__(parent)
+    self._p, self._n, self._b = process_index, process_count, per_process_batch
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._n
+
+  def _global_index(self, k: int) -> int:
+    step, j = divmod(k, self._b)
+    return step * self._b * self._n + self._p * self._b + j
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._global_index(index)]
+
+  def __str__(self) -> str:
+    return f'ProcessSlice(p={self._p}/{self._n}, b={self._b})'
+
+
+def _per_process_batch(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(f'Batch size {global_batch_size} is not divisible by '
+                     f'process_count={process_count}.')
+  return global_batch_size // process_count
+
+
+def _finish(ds: grain.MapDataset, input_cfg, batch: int) -> grain.IterDataset:
+  """Batch, read with threads, and optionally with worker processes."""
+  ds = ds.batch(batch, drop_remainder=True)
+  # Batching before to_iter_dataset: each reader thread builds a whole batch
+  # and `prefetch` counts batches; more threads than buffer slots would idle.
+  prefetch = max(1, input_cfg.get('prefetch', 2))
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=min(16, prefetch), prefetch_buffer_size=prefetch))
+  if input_cfg.get('num_workers', 0) > 0:
+    # grain's worker processes read absl flags; outside an absl app (tests,
+    # notebooks) they are unparsed and grain raises, so use the defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=input_cfg.num_workers))
+  return ds
+
+
+# ----------------------------------------------------------------------------
+# Public iterators
+# ----------------------------------------------------------------------------
+
+
+def make_train_iterator(input_cfg: ml_collections.ConfigDict, *, seed: int,
+                        process_index: int = 0, process_count: int = 1):
+  """Infinite, shuffled, checkpointable iterator over `input_cfg.train_split`.
+
+  Yields dicts of numpy arrays with leading dim
+  b = global_batch_size // process_count (e.g. image float32 [b, H, W, C]).
+  Each epoch is reshuffled (grain folds the epoch into the shuffle seed).
+  `it.get_state()` is a JSON-serialisable dict; `it.set_state(s)` resumes
+  with exactly the batches that followed the saved state.
+  """
+  b = _per_process_batch(input_cfg.global_batch_size, process_count)
+  data_dir = input_cfg.get('data_dir') or builders.default_data_dir()
+  source = get_source(input_cfg.dataset, input_cfg.train_split, data_dir)
+  indices = select_indices(input_cfg, input_cfg.train_split, few_shot=True)
+  if len(indices) == 0:
+    raise ValueError(f'No training examples left for {input_cfg.dataset}.')
+  # Global stream of record indices, identical on every process.
+  # grain shuffles epoch e with seed + e, so seeds s and s+1 would share
+  # epochs; hashing the seed first makes such overlaps vanishingly unlikely.
+  shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+  ds = grain.MapDataset.source(indices).shuffle(seed=shuffle_seed).repeat(None)
+  ds = _ProcessSlice(ds, process_index, process_count, b)
+  ds = ds.map(_Preprocess(source, input_cfg))
+  return iter(_finish(ds, input_cfg, b))
+
+
+class _EvalElement:
+  """Padded position -> example with `mask`; padding repeats record 0."""
+
+  def __init__(self, preprocess: _Preprocess, indices: np.ndarray):
+    self.preprocess, self.indices = preprocess, indices
+
+  def __call__(self, position) -> dict:
+    valid = position < len(self.indices)
+    ex = self.preprocess(self.indices[position] if valid else self.indices[0])
+    ex['mask'] = np.bool_(valid)
+    return ex
+
+
+def make_eval_iterator(input_cfg: ml_collections.ConfigDict, split: str, *,
+                       batch_size: int, process_index: int = 0,
+                       process_count: int = 1):
+  """Finite iterable over every example of `split` (after the class filter).
+
+  `batch_size` is GLOBAL: each process yields batches of
+  b = batch_size // process_count, and every process yields the same number
+  of batches (needed for collectives). Examples are laid out like training
+  batches (global batch i = process 0 slice, process 1 slice, ...), padded
+  at the end; `mask` bool [b] is False for padding, so over all processes
+  each example appears with mask True exactly once. Iterating again
+  restarts from the beginning.
+  """
+  b = _per_process_batch(batch_size, process_count)
+  data_dir = input_cfg.get('data_dir') or builders.default_data_dir()
+  source = get_source(input_cfg.dataset, split, data_dir)
+  indices = select_indices(input_cfg, split, few_shot=False)
+  num_batches = -(-len(indices) // batch_size)  # ceil
+  ds = grain.MapDataset.range(num_batches * batch_size)
+  ds = _ProcessSlice(ds, process_index, process_count, b)
+  ds = ds.map(_EvalElement(_Preprocess(source, input_cfg), indices))
+  return _finish(ds, input_cfg, b)
+
+
+def num_classes(input_cfg: ml_collections.ConfigDict) -> int:
+  """Number of classes the pipeline's `label` takes (after `classes`)."""
+  if input_cfg.get('classes') is not None:
+    return len(input_cfg.classes)
+  return dataset_info(input_cfg.dataset, input_cfg.get('data_dir'),
+                      _label_key(input_cfg))['num_classes']
+

@@ -1,0 +1,53 @@
+"""CLI: python -m jax_transfer.main --config=ml_collections_configs/<method>/<name>.py[:args]
+--workdir=DIR [--config.a.b=value ...]. Relaunching with the same workdir resumes.
+
+Bad input (unknown or mistyped keys, impossible meshes, unknown names, missing datasets) is
+reported as one line naming the key, with exit status 2, before anything compiles.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and exports go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax / grain / tfds (dozens of lines per checkpoint)."""
+  NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/")
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
+def setup_logging():
+  logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
+
+
+def run(argv):
+  del argv
+  from jax_transfer import config as config_lib, data, train  # After flags: fast --help.
+  setup_logging()
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, data.DatasetNotPreparedError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main():
+  # absl reports flag errors (unknown --config.key, wrong type) itself, as one line + exit 1.
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,53 @@
+"""What a method supplies to the shared loop (train.py). Everything else is the loop's.
+
+A method is a class built from the config. The loop calls, in order:
+  init_params(rng)                 -> boxed param tree (leaves carry logical axis names)
+  init_extra(rng, params)          -> method state outside the optimiser (default None);
+                                      boxed leaves are sharded by the same rules
+  load_pretrained(params, config)  -> params after transfer initialisation (default: the
+                                      `config.init` export, regex-selected)
+  loss_fn(params, extra, batch, rng) -> (loss, (metrics, new_extra)), for the loop's step
+  after_update(params)             -> params (e.g. clamp a temperature), inside the step
+  evaluators()                     -> list of Evaluator, each with `name`, `every_steps` and
+                                      run(params, extra) -> dict of floats
+A method with nested optimisation may override `train_step` entirely; it must keep the
+(state, batch) -> (state, metrics) signature so the loop can jit, donate and checkpoint it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jax_transfer import checkpoint
+
+
+class Method:
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+
+  def init_params(self, rng: jax.Array):
+    raise NotImplementedError
+
+  def init_extra(self, rng: jax.Array, params) -> Any:
+    return None
+
+  def load_pretrained(self, params):
+    init = self.config.init
+    if not init.export_dir:
+      return params
+    return checkpoint.merge_pretrained(
+        params, checkpoint.load_export_params(init.export_dir), init.load_regex,
+        init.skip_regex, source=f"export {init.export_dir}")
+
+  def loss_fn(self, params, extra, batch, rng):
+    raise NotImplementedError
+
+  def after_update(self, params):
+    return params
+
+  def evaluators(self) -> list:
+    return []
+
+  train_step = None  # Optional override: (state, batch) -> (state, metrics).

@@ -1,0 +1,262 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) in pure flax.linen, used by every method.
+
+Pre-LN encoder: x + MHA(LN(x)); x + MLP(LN(x)); final LayerNorm. Initialisation follows
+big_vision. Position embeddings follow the original ViT: added *after* the class token is
+prepended, so 'b/16' at 224 with 1000 classes has the reference 86,567,656 parameters.
+
+Param layout (paths are a contract: checkpoint import and learngene map params by path):
+  embedding/{kernel [p, p, C, D], bias [D]}     Conv patch embedding
+  cls [1, 1, D]                                 only when pool='cls'
+  pos_embedding [1, N, D]                       N = patches (+1 with cls); fixed at init
+  encoderblock_{i}/ln_1, attn/{qkv, out}, ln_2, mlp/{fc1, fc2}
+      attn/qkv/kernel [D, 3, H, K], bias [3, H, K]   fused q, k, v: one matmul, split on axis 1
+      attn/out/kernel [H, K, D],    bias [D]
+  encoder_norm, pre_logits (only if representation_size), head (only if num_classes > 0)
+Blocks are plain per-block subtrees (no nn.scan), so each can be built separately.
+
+Logical axis names (rules in parallel.py map them to mesh axes 'data' / 'fsdp' / 'tensor'):
+  params:      'embed' (D: conv out, LN, cls, posemb, qkv/out/fc in-out, head in)
+               'mlp' (MLP hidden; pre_logits out)   'heads' (H)   'kv' (K = D / H)
+               'qkv' (the fused size-3 axis: never shard -> None)
+               'patch_h', 'patch_w', 'channels' (conv kernel; never shard -> None)
+               'posemb_len' (position axis of pos_embedding)   'classes' (head out)
+               None for the broadcast dims of cls / pos_embedding.
+  activations: ('batch', 'length', 'embed') at embedding output and every block boundary;
+               ('batch', 'length', 'heads', 'kv') for q, k, v; ('batch', 'length', 'mlp').
+  Rule order matters: flax assigns a mesh axis once per array, so put ('batch', ('data',
+  'fsdp')) before ('embed', 'fsdp') and activations keep 'embed' replicated.
+"""
+import re
+from typing import Any, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+P = nn.with_logical_partitioning
+ACT = ('batch', 'length', 'embed')
+
+# (width, depth, mlp_dim, num_heads), as in big_vision; 'nano' is for tests only.
+VARIANTS = {
+    'nano': (32, 2, 64, 2),
+    'mu': (64, 4, 128, 4),
+    'ti': (192, 12, 768, 3),
+    's': (384, 12, 1536, 6),
+    'm': (512, 12, 2048, 8),
+    'b': (768, 12, 3072, 12),
+    'l': (1024, 24, 4096, 16),
+}
+
+
+def decode_variant(variant: str) -> dict:
+  """'b/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+  m = re.fullmatch(r'(\w+?)(?:/(\d+))?', variant)
+  if not m or m.group(1) not in VARIANTS:
+    raise ValueError(f'Unknown ViT variant {variant!r}; allowed: {sorted(VARIANTS)} [/patch]')
+  width, depth, mlp_dim, num_heads = VARIANTS[m.group(1)]
+  out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+  if m.group(2):
+    out['patch_size'] = int(m.group(2))
+  return out
+
+
+def _qkv_init(key, shape, dtype=jnp.float32):
+  """[D, 3, H, K] kernel, xavier-uniform per projection, as if q, k, v were three separate
+  [D, D] kernels (big_vision); a plain xavier on the fused kernel would use fan_out = 3D."""
+  d, _, h, k = shape
+  w = nn.initializers.xavier_uniform(in_axis=1, out_axis=2, batch_axis=0)(
+      key, (3, d, h * k), dtype)  # [3, D, H * K]
+  return jnp.transpose(w, (1, 0, 2)).reshape(shape)
+
+
+def _out_init(key, shape, dtype=jnp.float32):
+  """[H, K, D] kernel initialised as the [D, D] xavier matrix it flattens to (big_vision)."""
+  h, k, d = shape
+  return nn.initializers.xavier_uniform()(key, (h * k, d), dtype).reshape(shape)
+
+
+class Projection(nn.Module):
+  """y = einsum(spec, x, kernel) + bias with the kernel declared at its full N-d shape.
+
+  Used instead of nn.DenseGeneral: DenseGeneral initialises a flat kernel and reshapes it, and
+  under a mesh flax then applies the N-d logical constraint to the 2-D value (also during the
+  shape check flax runs in apply), which fails.
+  """
+  spec: str
+  kernel_shape: tuple
+  kernel_names: tuple
+  bias_names: tuple
+  kernel_init: Any
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    bias_shape = self.kernel_shape[-len(self.bias_names):]
+    kernel = self.param('kernel', P(self.kernel_init, self.kernel_names), self.kernel_shape,
+                        self.param_dtype)
+    bias = self.param('bias', P(nn.initializers.zeros, self.bias_names), bias_shape,
+                      self.param_dtype)
+    return (jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+            + bias.astype(self.dtype))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention through jax.nn.dot_product_attention (cuDNN-eligible on GPU).
+
+  One fused qkv kernel [D, 3, H, K] does a single matmul; q, k, v are kernel[:, 0], [:, 1],
+  [:, 2] when converting to/from separate query/key/value layouts.
+  """
+  num_heads: int
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):  # x: [B, N, D] -> [B, N, D]
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f'width {d} is not divisible by num_heads {self.num_heads}')
+    h, hd = self.num_heads, d // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv = Projection('bnd,dthk->bnthk', (d, 3, h, hd), ('embed', 'qkv', 'heads', 'kv'),
+                     ('qkv', 'heads', 'kv'), _qkv_init, name='qkv', **kw)(x)  # [B,N,3,H,K]
+    q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ('batch', 'length', 'heads', 'kv'))
+               for i in range(3))
+    # implementation=None: XLA on CPU/TPU, cuDNN flash attention on GPU when eligible.
+    # Softmax runs in f32 inside dot_product_attention even for bf16 inputs.
+    y = jax.nn.dot_product_attention(q, k, v, implementation=None)  # [B, N, H, K]
+    return Projection('bnhk,hkd->bnd', (h, hd, d), ('heads', 'kv', 'embed'), ('embed',),
+                      _out_init, name='out', **kw)(y)
+
+
+def ln(name, dtype, param_dtype):
+  """LayerNorm with logically named scale/bias. Statistics are computed in f32 by flax."""
+  return nn.LayerNorm(name=name, dtype=dtype, param_dtype=param_dtype,
+                      scale_init=P(nn.initializers.ones, ('embed',)),
+                      bias_init=P(nn.initializers.zeros, ('embed',)))
+
+
+class MLP(nn.Module):
+  """Dense(mlp_dim) -> gelu -> Dense(D), big_vision init. x: [B, N, D] -> [B, N, D]."""
+  mlp_dim: int
+  dropout: float
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def dense(features, names, name):  # xavier kernels, normal(1e-6) biases
+      return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                      kernel_init=P(nn.initializers.xavier_uniform(), names),
+                      bias_init=P(nn.initializers.normal(1e-6), names[1:]))
+    h = nn.gelu(dense(self.mlp_dim, ('embed', 'mlp'), 'fc1')(x))
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    return dense(x.shape[-1], ('mlp', 'embed'), 'fc2')(h)
+
+
+class Block(nn.Module):
+  """Pre-LN encoder block: x + MHA(LN(x)); x + MLP(LN(x)). x: [B, N, D] -> [B, N, D]."""
+  mlp_dim: int
+  num_heads: int
+  dropout: float
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):  # `train` positional: static under nn.remat
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    x = nn.with_logical_constraint(x, ACT)
+    x = x + drop(Attention(self.num_heads, name='attn', **kw)(ln('ln_1', **kw)(x)))
+    y = MLP(self.mlp_dim, self.dropout, name='mlp', **kw)(ln('ln_2', **kw)(x), train)
+    return nn.with_logical_constraint(x + drop(y), ACT)
+
+
+class ViT(nn.Module):
+  """ViT classifier. images: [B, H, W, C] -> (logits [B, num_classes], aux).
+
+  aux: 'tokens' [B, N, D] (encoder output after encoder_norm, before pooling; N includes the
+  class token when pool='cls'), 'pre_logits' [B, D] (or [B, representation_size]).
+  With num_classes=0 there is no head and logits = pre_logits. H and W must be divisible by
+  patch_size; the position-embedding length is fixed by the image size seen at init.
+  """
+  num_classes: int
+  patch_size: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  pool: str = 'cls'  # 'cls' (class token) or 'gap' (mean over patch tokens)
+  posemb: str = 'learn'
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32  # compute dtype; params stay param_dtype
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'  # any name in jax.checkpoint_policies
+  head_zero_init: bool = True
+  representation_size: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    if self.pool not in ('cls', 'gap'):
+      raise ValueError(f'Unknown pool {self.pool!r}; allowed: cls, gap')
+    if self.posemb != 'learn':
+      raise ValueError(f'Unknown posemb {self.posemb!r}; allowed: learn')
+    b, h, w, _ = images.shape
+    p, d = self.patch_size, self.width
+    if h % p or w % p:
+      raise ValueError(f'Image size {(h, w)} is not divisible by patch_size {p}')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', name='embedding',
+                kernel_init=P(nn.initializers.lecun_normal(),
+                              ('patch_h', 'patch_w', 'channels', 'embed')),
+                bias_init=P(nn.initializers.zeros, ('embed',)), **kw)(images)
+    x = jnp.reshape(x, (b, (h // p) * (w // p), d))  # [B, N, D], patches in row-major order
+    if self.pool == 'cls':
+      cls = self.param('cls', P(nn.initializers.zeros, (None, None, 'embed')), (1, 1, d),
+                       self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+    # Added after the class token, as in the original ViT (and its parameter count).
+    pos = self.param('pos_embedding',
+                     P(nn.initializers.normal(stddev=d ** -0.5), (None, 'posemb_len', 'embed')),
+                     (1, x.shape[1], d), self.param_dtype)
+    x = nn.with_logical_constraint(x + pos.astype(x.dtype), ACT)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+
+    block = Block
+    if self.remat:  # recompute activations in the backward pass; argnum 2 = `train`
+      block = nn.remat(Block, static_argnums=(2,),
+                       policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    for i in range(self.depth):
+      x = block(self.mlp_dim, self.num_heads, self.dropout, name=f'encoderblock_{i}', **kw)(
+          x, train)
+    x = ln('encoder_norm', **kw)(x)
+    aux = {'tokens': x}
+
+    x = x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)  # [B, D]
+    if self.representation_size:
+      x = nn.tanh(nn.Dense(self.representation_size, name='pre_logits',
+                           kernel_init=P(nn.initializers.lecun_normal(), ('embed', 'mlp')),
+                           bias_init=P(nn.initializers.zeros, ('mlp',)), **kw)(x))
+    aux['pre_logits'] = x
+    if not self.num_classes:
+      return x, aux
+    # A zero head makes the initial loss log(num_classes) and fine-tuning starts neutral.
+    kinit = nn.initializers.zeros if self.head_zero_init else nn.initializers.lecun_normal()
+    logits = nn.Dense(self.num_classes, name='head',
+                      kernel_init=P(kinit, ('embed', 'classes')),
+                      bias_init=P(nn.initializers.zeros, ('classes',)), **kw)(x)
+    chex.assert_shape(logits, (b, self.num_classes))
+    return logits, aux
+
+
+def make_vit(variant: Optional[str] = None, **overrides) -> ViT:
+  """make_vit('b/16', num_classes=1000, pool='gap'): a named variant plus field overrides."""
+  kwargs = decode_variant(variant) if variant else {}
+  kwargs.update(overrides)
+  kwargs.setdefault('num_classes', 0)
+  return ViT(**kwargs)

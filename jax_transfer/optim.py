@@ -1,0 +1,71 @@
+"""Optimisers and learning-rate schedules from the config (optax).
+
+config.optimizer: name (adamw | sgd | lamb), lr, weight_decay, b1, b2, momentum,
+  grad_clip_norm (0 = off), wd_exclude_regex (params matched get no weight decay: biases,
+  norms, embeddings by default), trainable_regex (params not matched are frozen: a linear probe
+  sets '^head/').
+config.schedule: name (cosine | linear | constant), warmup_steps, end_lr_ratio.
+"""
+from __future__ import annotations
+
+import re
+
+import flax
+import optax
+
+OPTIMIZERS = ("adamw", "sgd", "lamb")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def make_schedule(opt_cfg, sched_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to lr, then cosine / linear decay to lr * end_lr_ratio."""
+  lr, warmup = opt_cfg.lr, min(sched_cfg.warmup_steps, total_steps)
+  end = lr * sched_cfg.end_lr_ratio
+  decay_steps = max(total_steps - warmup, 1)
+  if sched_cfg.name == "cosine":
+    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=sched_cfg.end_lr_ratio)
+  elif sched_cfg.name == "linear":
+    decay = optax.linear_schedule(lr, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(lr)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def _path_mask(params, regex: str, match_value: bool):
+  """Pytree of bools: `match_value` where the '/'-joined param path matches `regex`."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  pattern = re.compile(regex)
+  mask = {k: (bool(pattern.search(k)) == match_value) for k in flat}
+  return flax.traverse_util.unflatten_dict(mask, sep="/")
+
+
+def make_optimizer(opt_cfg, sched_cfg, total_steps: int):
+  """Returns (optax transformation, schedule). The transformation is a function of the param
+  tree only through masks, built lazily so it works with abstract (eval_shape) params."""
+  schedule = make_schedule(opt_cfg, sched_cfg, total_steps)
+  wd_mask = lambda p: _path_mask(p, opt_cfg.wd_exclude_regex, match_value=False)
+  if opt_cfg.name == "adamw":
+    tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
+                     weight_decay=opt_cfg.weight_decay, mask=wd_mask)
+  elif opt_cfg.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay, mask=wd_mask),
+                     optax.sgd(schedule, momentum=opt_cfg.momentum or None, nesterov=False))
+  elif opt_cfg.name == "lamb":
+    tx = optax.lamb(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
+                    weight_decay=opt_cfg.weight_decay, mask=wd_mask)
+  else:
+    raise ValueError(f"optimizer.name={opt_cfg.name!r} is unknown; allowed: {OPTIMIZERS}")
+  parts = []
+  if opt_cfg.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
+  parts.append(tx)
+  tx = optax.chain(*parts)
+  if opt_cfg.trainable_regex not in ("", ".*"):
+    # Frozen params get zero updates and no optimiser state (optax.multi_transform).
+    labels = lambda p: flax.traverse_util.unflatten_dict(
+        {k: ("train" if v else "freeze") for k, v in flax.traverse_util.flatten_dict(
+            _path_mask(p, opt_cfg.trainable_regex, True), sep="/").items()}, sep="/")
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return tx, schedule

@@ -1,0 +1,127 @@
+"""ViT: shapes, logical-axis annotations, reference param count, dtypes, remat, equivariance."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_transfer.models import decode_variant, get_model, make_vit
+
+IMG = 32  # nano/8 at 32px: 16 patches
+
+
+def _init(model, img=IMG, seed=0):
+  return model.init(jax.random.PRNGKey(seed), jnp.zeros((2, img, img, 3)))
+
+
+@pytest.mark.parametrize('pool,num_classes,tokens', [('cls', 10, 17), ('gap', 10, 16),
+                                                     ('cls', 0, 17), ('gap', 0, 16)])
+def test_output_shapes(pool, num_classes, tokens):
+  model = make_vit('nano/8', num_classes=num_classes, pool=pool)
+  variables = _init(model)
+  logits, aux = model.apply(variables, jnp.ones((3, IMG, IMG, 3)))
+  assert aux['tokens'].shape == (3, tokens, 32)
+  assert aux['pre_logits'].shape == (3, 32)
+  assert logits.shape == ((3, num_classes) if num_classes else (3, 32))
+  assert ('head' in variables['params']) == bool(num_classes)
+
+
+def test_non_square_image_and_representation():
+  model = make_vit('nano/8', num_classes=5, representation_size=12)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 40, 3)))
+  logits, aux = model.apply(variables, jnp.ones((2, 16, 40, 3)))
+  assert aux['tokens'].shape == (2, 1 + 2 * 5, 32)
+  assert aux['pre_logits'].shape == (2, 12) and logits.shape == (2, 5)
+
+
+def test_every_param_has_logical_names():
+  variables = _init(make_vit('nano/8', num_classes=10, representation_size=8))
+  leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  specs = jax.tree.leaves(nn.get_partition_spec(variables),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert len(specs) == len(leaves)
+  for box, spec in zip(leaves, specs):
+    assert len(spec) == box.value.ndim, (box.names, box.value.shape)
+
+
+def test_vit_b16_param_count():
+  model = make_vit('b/16', num_classes=1000)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+  assert count == 86_567_656
+
+
+def test_init_statistics():
+  params = nn.unbox(_init(make_vit('mu/8', num_classes=10)))['params']
+  assert np.all(params['head']['kernel'] == 0)  # head_zero_init
+  np.testing.assert_allclose(np.std(params['pos_embedding']), 64 ** -0.5, rtol=0.1)
+  # Each of q, k, v is xavier on [D, D]: std = sqrt(2 / (D + D)) = 1/8.
+  q = params['encoderblock_0']['attn']['qkv']['kernel'][:, 0]
+  np.testing.assert_allclose(np.std(q), 1 / 8, rtol=0.1)
+  assert 0 < np.abs(params['encoderblock_0']['mlp']['fc1']['bias']).max() < 1e-4
+
+
+def test_bf16_compute_keeps_f32_params():
+  model = make_vit('nano/8', num_classes=10, dtype=jnp.bfloat16, head_zero_init=False)
+  variables = _init(model)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
+  logits, aux = model.apply(variables, jnp.ones((2, IMG, IMG, 3)))
+  assert logits.dtype == aux['tokens'].dtype == aux['pre_logits'].dtype == jnp.bfloat16
+
+
+def test_remat_matches_no_remat():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, IMG, IMG, 3))
+  kw = dict(num_classes=10, head_zero_init=False)
+  plain, remat = make_vit('nano/8', **kw), make_vit('nano/8', remat=True, **kw)
+  variables = _init(plain)
+  assert jax.tree.structure(variables) == jax.tree.structure(_init(remat))  # same paths
+
+  def loss(model, v):
+    logits, _ = model.apply(v, x, train=True)
+    return jnp.sum(logits ** 2)
+
+  # Both jitted: recomputation may fuse differently, so compare to float tolerance.
+  l0, g0 = jax.jit(jax.value_and_grad(lambda v: loss(plain, v)))(variables)
+  l1, g1 = jax.jit(jax.value_and_grad(lambda v: loss(remat, v)))(variables)
+  np.testing.assert_allclose(l0, l1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               nn.unbox(g0), nn.unbox(g1))
+
+
+def test_dropout_uses_rng_only_when_training():
+  model = make_vit('nano/8', num_classes=10, dropout=0.5)
+  variables = _init(model)
+  x = jnp.ones((2, IMG, IMG, 3))
+  _, a = model.apply(variables, x)  # eval: deterministic, no rng needed
+  _, b = model.apply(variables, x, train=True, rngs={'dropout': jax.random.PRNGKey(1)})
+  _, c = model.apply(variables, x, train=True, rngs={'dropout': jax.random.PRNGKey(2)})
+  assert not np.allclose(a['tokens'], b['tokens']) and not np.allclose(b['tokens'], c['tokens'])
+
+
+def test_gap_without_posemb_is_patch_permutation_equivariant():
+  model = make_vit('nano/8', num_classes=0, pool='gap')
+  variables = nn.unbox(_init(model))
+  variables['params']['pos_embedding'] = jnp.zeros_like(variables['params']['pos_embedding'])
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, IMG, IMG, 3))
+  g = IMG // 8
+  # [B, H, W, C] -> [B, g*g, 8, 8, C] in the row-major patch order the model uses.
+  patches = x.reshape(2, g, 8, g, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, g * g, 8, 8, 3)
+  perm = jax.random.permutation(jax.random.PRNGKey(4), g * g)
+  x_perm = patches[:, perm].reshape(2, g, g, 8, 8, 3).transpose(0, 1, 3, 2, 4, 5)
+  x_perm = x_perm.reshape(x.shape)
+  out, aux = model.apply(variables, x)
+  out_p, aux_p = model.apply(variables, x_perm)
+  np.testing.assert_allclose(aux_p['tokens'], aux['tokens'][:, perm], atol=1e-5)
+  np.testing.assert_allclose(out_p, out, atol=1e-5)  # mean pooling is invariant
+  assert not np.allclose(aux_p['tokens'], aux['tokens'], atol=1e-3)  # the check has teeth
+
+
+def test_decode_variant_and_registry_errors():
+  assert decode_variant('b/16') == dict(patch_size=16, width=768, depth=12, mlp_dim=3072,
+                                        num_heads=12)
+  with pytest.raises(ValueError, match='allowed'):
+    decode_variant('xl/16')
+  with pytest.raises(ValueError, match=r"Unknown model 'resnet'; allowed: .*vit"):
+    get_model('resnet')
+  assert isinstance(get_model('vit', variant='nano/8', num_classes=3), nn.Module)
