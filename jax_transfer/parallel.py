@@ -140,6 +140,23 @@ def logical_to_shardings(abstract_boxed_tree, mesh: Mesh, rules):
                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def shardings_following_params(abstract_tree, param_shardings, abstract_params, mesh: Mesh):
+  """Shardings for a tree that mirrors the params inside wrappers (optimiser state: Adam's
+  mu / nu, masked or multi-transform partitions). A leaf whose dict-key path and shape match
+  a parameter gets that parameter's sharding; counters and the like are replicated."""
+  def dict_path(path):
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+  by_path = {dict_path(p): (s, a.shape) for (p, s), (_, a) in zip(
+      jax.tree_util.tree_flatten_with_path(param_shardings)[0],
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0])}
+  def one(path, leaf):
+    match = by_path.get(dict_path(path))
+    if match is not None and match[1] == leaf.shape:
+      return match[0]
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

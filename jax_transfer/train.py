@@ -83,9 +83,8 @@ def create_state(method, tx, mesh, rules, rng):
   param_sh = parallel.logical_to_shardings(abstract_boxed, mesh, rules)
   replicated = NamedSharding(mesh, P())
   abstract_params = nn.unbox(abstract_boxed)
-  opt_sh = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_sh,
-      transform_non_params=lambda _: replicated)
+  opt_sh = parallel.shardings_following_params(
+      jax.eval_shape(tx.init, abstract_params), param_sh, abstract_params, mesh)
   abstract_extra = jax.eval_shape(method.init_extra, extra_rng, abstract_params)
   extra_sh = parallel.logical_to_shardings(abstract_extra, mesh, rules)
   shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
