@@ -65,6 +65,15 @@ def base_config() -> ml_collections.ConfigDict:
 DTYPES = ("float32", "bfloat16")
 
 
+def model_kwargs(model_cfg) -> dict:
+  """config.model -> keyword arguments of the model constructor (dtype names -> dtypes)."""
+  import jax.numpy as jnp
+  kwargs = model_cfg.to_dict()
+  if "dtype" in kwargs:
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  return kwargs
+
+
 def _check_keys(config, reference, prefix=""):
   """Every key of `config` must exist in `reference` with a compatible type."""
   for key in config.keys():
@@ -137,6 +146,16 @@ def validate(config, num_devices: int) -> None:
   if config.eval.batch_size % dp:
     raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be divisible by the "
                       f"data-parallel size (mesh.data*mesh.fsdp={dp})")
+  from jax_transfer import data
+  try:
+    data.dataset_info(config.input.dataset, config.input.data_dir)
+  except ValueError as e:  # DatasetNotPreparedError included.
+    raise ConfigError(f"input.dataset: {e}") from None
+  try:
+    models.get_model(config.model_name, **model_kwargs(config.model))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"model: {e}") from None
+  methods.get_method(config.method).validate_config(config)
   axes = set(parallel.MESH_AXES)
   for rule in config.sharding_rules:
     mesh_axes = rule[1] if isinstance(rule[1], (list, tuple)) else [rule[1]]

@@ -45,8 +45,19 @@ def run(argv):
 
 
 def main():
-  # absl reports flag errors (unknown --config.key, wrong type) itself, as one line + exit 1.
-  app.run(run)
+  # Parse once up front so an unknown --config.key or a wrong type is one line, exit 2
+  # (ml_collections raises KeyError/TypeError from inside absl's parser otherwise).
+  try:
+    flags.FLAGS(sys.argv)
+  except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
+    msg = " ".join(str(e).split())
+    if isinstance(e, KeyError) and e.args:  # "'key'\nDid you mean ...?" from ml_collections.
+      key, *hint = str(e.args[0]).split("\n")
+      msg = f"unknown config key {key} in a --config.* override" + (
+          f" ({' '.join(hint).strip()})" if hint else "")
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+  app.run(run, flags_parser=lambda argv: [argv[0]])  # Already parsed above.
 
 
 if __name__ == "__main__":

@@ -41,14 +41,19 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   data_dir = data_dir or builders.default_data_dir()
   if name in builders.EMBEDDED:
     builders.ensure_embedded(name, data_dir)
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
     raise DatasetNotPreparedError(
-        f'Dataset {name!r} is not prepared at data_dir={data_dir!r} (looked '
-        f'in {builder.data_dir}). Prepare it with:\n'
-        f'  tfds build {name} --data_dir={data_dir} --file_format=array_record'
-        '\n(building catalogue datasets may need the [tf] extra: '
-        "pip install 'jax_transfer[tf]').")
+        f'Dataset {name!r} is neither embedded ({sorted(builders.EMBEDDED)}) nor a TFDS '
+        f'catalogue dataset nor prepared at data_dir={data_dir!r}') from None
+  if not builder.is_prepared():
+    # One line: main.py prints it as the whole error.
+    raise DatasetNotPreparedError(
+        f'Dataset {name!r} is not prepared at data_dir={data_dir!r} (looked in '
+        f'{builder.data_dir}); prepare it with `tfds build {name} --data_dir={data_dir} '
+        "--file_format=array_record` (catalogue builders may need the [tf] extra: "
+        "pip install 'jax_transfer[tf]')")
   return builder
 
 

@@ -27,6 +27,11 @@ class Method:
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
 
+  @staticmethod
+  def validate_config(config) -> None:
+    """Method-specific checks, run by config.validate before anything compiles; raise
+    config.ConfigError with one line naming the key."""
+
   def init_params(self, rng: jax.Array):
     raise NotImplementedError
 

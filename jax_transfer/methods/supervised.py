@@ -6,19 +6,33 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jax_transfer import data, models
+from jax_transfer import config as config_lib, data, models
 from jax_transfer.evaluators.classification import ClassificationEvaluator
 from jax_transfer.methods.base import Method
 
 
 def build_model(config):
   """The model named by config.model_name, with config.model's fields (dtype by name)."""
-  kwargs = config.model.to_dict()
-  kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
-  return models.get_model(config.model_name, **kwargs)
+  return models.get_model(config.model_name, **config_lib.model_kwargs(config.model))
 
 
 class Supervised(Method):
+
+  @staticmethod
+  def validate_config(config):
+    c = config.input
+    info = data.dataset_info(c.dataset, c.data_dir, label_key=c.label_key)
+    n = info["num_classes"]
+    if c.classes:
+      bad = [k for k in c.classes if not 0 <= k < n]
+      if bad:
+        raise config_lib.ConfigError(f"input.classes has {bad}, outside 0..{n - 1} of "
+                                     f"{c.dataset}:{c.label_key}")
+      n = len(c.classes)
+    if config.model.num_classes != n:
+      raise config_lib.ConfigError(
+          f"model.num_classes={config.model.num_classes} but the data has {n} classes "
+          f"({c.dataset}:{c.label_key}{', input.classes' if c.classes else ''})")
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)

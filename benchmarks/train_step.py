@@ -1,0 +1,205 @@
+r"""Train-step speed and memory of the default digits ViT, side by side, on this machine.
+
+  python benchmarks/train_step.py [--steps 200] [--warmup 20] [--results benchmarks/RESULTS.md]
+
+For each variant of ml_collections_configs/supervised/digits_vit.py (batch 64 / 256 x compute
+float32 / bfloat16 x remat off / on) it builds the step exactly as train.py does (the method by
+name, optim.make_optimizer, train.create_state, train.make_default_train_step, jit with the
+state/batch shardings and donated state) and reports:
+  ms/step       median wall time of `--steps` steps after `--warmup` steps, each step timed
+                to `jax.block_until_ready` of its outputs (the same real batch every step,
+                so input-pipeline time is excluded); p10-p90 beside it shows the noise.
+  examples/s    batch / median step time.
+  compile s     jit lower + XLA compile of the step.
+  XLA MiB       compiled.memory_analysis(): temp (activations, workspace) + argument bytes.
+  peak RSS MiB  the process's max resident set size (resource.getrusage). Each variant runs
+                in its own subprocess, so this is that variant's peak, not a running max.
+Writes/replaces the section "## Train step (CPU)" of --results (other sections are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILE = REPO / "ml_collections_configs" / "supervised" / "digits_vit.py"
+SECTION = "## Train step (CPU)"
+# (batch, compute dtype, remat); the first row is the default config, the baseline.
+VARIANTS = [(b, d, r) for r in (False, True) for d in ("float32", "bfloat16")
+            for b in (64, 256)]
+
+
+def load_config(batch: int, dtype: str, remat: bool):
+  spec = importlib.util.spec_from_file_location("digits_vit", CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("")
+  c.input.global_batch_size = batch
+  c.model.dtype = dtype
+  c.model.remat = remat
+  return c
+
+
+def build_step(config):
+  """The pieces train.train_and_evaluate builds before its loop, built the same way.
+  Returns (jitted step, state, one global batch, mesh, rules)."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax_transfer import config as config_lib, data, methods, optim, parallel, train
+
+  config_lib.validate(config, jax.device_count())
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.sharding_rules)
+  method = methods.get_method(config.method)(config, mesh)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.total_steps)
+  step_fn = method.train_step or train.make_default_train_step(method, tx, schedule,
+                                                               config.grad_accum_steps)
+  state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
+  with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
+    step = jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+  it = data.make_train_iterator(config.input, seed=config.seed)
+  local = {k: v for k, v in next(it).items() if k in ("image", "label")}
+  return step, state, parallel.global_batch(local, mesh), mesh, rules
+
+
+def measure(batch: int, dtype: str, remat: bool, steps: int, warmup: int) -> dict:
+  import jax
+  from jax_transfer import parallel
+  config = load_config(batch, dtype, remat)
+  step, state, gbatch, mesh, rules = build_step(config)
+  with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
+    t0 = time.perf_counter()
+    compiled = step.lower(state, gbatch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    times = []
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, gbatch)
+      jax.block_until_ready((state, metrics))
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+  loss = float(metrics["train/loss"])
+  assert loss == loss, "NaN loss: the benchmark would time garbage"
+  times.sort()
+  median = statistics.median(times)
+  q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+  return dict(
+      batch=batch, dtype=dtype, remat=remat, steps=steps, warmup=warmup,
+      ms_per_step=1e3 * median, p10_ms=1e3 * q(0.1), p90_ms=1e3 * q(0.9),
+      examples_per_s=batch / median, compile_s=compile_s,
+      xla_temp_bytes=getattr(mem, "temp_size_in_bytes", None),
+      xla_argument_bytes=getattr(mem, "argument_size_in_bytes", None),
+      peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      final_loss=loss, variant=config.model.variant)
+
+
+# ------------------------------------------------------------------------------- Reporting.
+
+def _cpu_model() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+    if m:
+      return m.group(1).strip()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return platform.processor() or "unknown"
+
+
+def _mib(x):
+  return "n/a" if x is None else f"{x / 2**20:.1f}"
+
+
+def render(rows: list[dict], command: str) -> str:
+  import jax
+  base = rows[0]["ms_per_step"]
+  lines = [
+      SECTION, "",
+      f"ViT-{rows[0]['variant']} on digits (8x8x1, 5 classes), "
+      "`ml_collections_configs/supervised/digits_vit.py` with the batch / compute dtype / "
+      "remat of each row; AdamW, one device. Median of "
+      f"{rows[0]['steps']} steps after {rows[0]['warmup']} warm-up steps, each timed to "
+      "`jax.block_until_ready`; the input pipeline is excluded (one real batch reused). "
+      "Peak RSS is per variant (one subprocess each).", "",
+      "| batch | compute | remat | ms/step (median) | p10-p90 ms | vs. baseline | examples/s "
+      "| compile s | XLA temp MiB | XLA args MiB | peak RSS MiB |",
+      "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r['batch']} | {r['dtype']} | {'on' if r['remat'] else 'off'} "
+        f"| {r['ms_per_step']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
+        f"| {r['ms_per_step'] / base:.2f}x | {r['examples_per_s']:,.0f} "
+        f"| {r['compile_s']:.2f} | {_mib(r['xla_temp_bytes'])} "
+        f"| {_mib(r['xla_argument_bytes'])} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+  lines += [
+      "",
+      f"Command: `{command}`",
+      "",
+      f"Machine: {os.cpu_count()} CPU cores ({_cpu_model()}), no accelerator; "
+      f"jax {jax.__version__}, backend {jax.default_backend()}. "
+      f"Date: {datetime.date.today().isoformat()}.",
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def write_section(path: pathlib.Path, section: str) -> None:
+  """Replaces this script's section of RESULTS.md (up to the next '## '), keeping the rest."""
+  text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+  start = text.find(SECTION + "\n")
+  if start < 0:
+    text = text.rstrip("\n") + "\n\n" + section
+  else:
+    nxt = text.find("\n## ", start + len(SECTION))
+    rest = "" if nxt < 0 else "\n" + text[nxt + 1:]
+    text = text[:start] + section.rstrip("\n") + "\n" + rest
+  path.write_text(text.rstrip("\n") + "\n")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--warmup", type=int, default=20)
+  p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
+                 help="RESULTS.md to update ('' = print only)")
+  p.add_argument("--one", help=argparse.SUPPRESS)  # "batch,dtype,remat": child process.
+  a = p.parse_args()
+  if a.one:
+    b, d, r = a.one.split(",")
+    print(json.dumps(measure(int(b), d, r == "1", a.steps, a.warmup)))
+    return
+  rows = []
+  for b, d, r in VARIANTS:
+    out = subprocess.run(
+        [sys.executable, __file__, "--steps", str(a.steps), "--warmup", str(a.warmup),
+         "--one", f"{b},{d},{int(r)}"], capture_output=True, text=True, cwd=REPO)
+    if out.returncode:
+      sys.exit(f"variant batch={b} dtype={d} remat={r} failed:\n{out.stderr[-3000:]}")
+    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"batch {b:4d} {d:8s} remat {'on ' if r else 'off'}: "
+          f"{rows[-1]['ms_per_step']:.2f} ms/step", flush=True)
+  command = "python benchmarks/train_step.py" + "".join(
+      f" --{k} {v}" for k, v in (("steps", a.steps), ("warmup", a.warmup))
+      if v != p.get_default(k))
+  section = render(rows, command)
+  print(section)
+  if a.results:
+    write_section(pathlib.Path(a.results), section)
+
+
+if __name__ == "__main__":
+  main()

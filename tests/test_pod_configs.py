@@ -1,0 +1,115 @@
+"""Every config under ml_collections_configs/ validates for the hardware its docstring names,
+and its `runlocal` variant is small enough for this CPU. Fast: no dataset, no compilation."""
+import importlib.util
+import pathlib
+
+import pytest
+
+from jax_transfer import config as config_lib
+from jax_transfer.models import vit
+
+CONFIG_ROOT = pathlib.Path(__file__).resolve().parents[1] / "ml_collections_configs"
+
+# file -> [(documented args, device count the docstring targets)].
+TARGETS = {
+    "supervised/digits_vit.py": [("", 1), ("transfer", 1), ("probe", 1)],
+    "supervised/imagenet_vit_b16.py": [  # TPU v4-32 = 16 devices; one 8-GPU host.
+        ("", 16), ("ep90", 16), ("fsdp", 16), ("fsdp,ep90", 16),
+        ("gpu8", 8), ("gpu8,ep90", 8), ("gpu8,fsdp", 8)],
+    "supervised/cifar10_vit_b16.py": [("", 8), ("", 16)],
+}
+# Device counts a config without an entry above may target (CPU, one host, pod slices).
+ANY_TARGET = (1, 8, 16, 32, 64, 128, 256)
+EMBEDDED = ("digits", "shapes_captions")
+
+
+def _config_files():
+  return sorted(str(p.relative_to(CONFIG_ROOT)) for p in CONFIG_ROOT.rglob("*.py")
+                if p.name != "__init__.py")
+
+
+def _get_config(rel, arg):
+  spec = importlib.util.spec_from_file_location(
+      "cfg_" + rel.replace("/", "_")[:-3], CONFIG_ROOT / rel)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_targets_name_existing_files():
+  assert set(TARGETS) <= set(_config_files())
+
+
+@pytest.mark.parametrize("rel", _config_files())
+def test_config_validates_for_its_hardware(rel):
+  for arg, devices in TARGETS.get(rel, []):
+    config_lib.validate(_get_config(rel, arg), devices)
+  if rel not in TARGETS:  # Unlisted config: its default must fit *some* plausible machine.
+    config = _get_config(rel, "")
+    errors = []
+    for devices in ANY_TARGET:
+      try:
+        config_lib.validate(config, devices)
+        return
+      except config_lib.ConfigError as e:
+        errors.append(f"{devices}: {e}")
+    pytest.fail(f"{rel} validates for none of {ANY_TARGET} devices: {errors}")
+
+
+@pytest.mark.parametrize("rel", _config_files())
+def test_runlocal_is_small_and_runs_here(rel):
+  base_args = sorted({a for a, _ in TARGETS.get(rel, [("", 1)])})
+  for arg in base_args:
+    c = _get_config(rel, ",".join(a for a in (arg, "runlocal") if a))
+    for devices in (1, 8):  # This CPU, and the tests' 8 simulated devices.
+      config_lib.validate(c, devices)
+    assert c.total_steps <= 50, (rel, arg, c.total_steps)
+    assert c.input.global_batch_size <= 64, (rel, arg)
+    assert c.input.dataset in EMBEDDED, (rel, arg, c.input.dataset)  # No download needed.
+    assert not c.input.image_size or c.input.image_size <= 64, (rel, arg)
+    assert c.model.get("dtype", "float32") == "float32", (rel, arg)  # CPUs emulate bf16.
+    if c.model_name == "vit":
+      family = c.model.variant.split("/")[0]
+      assert family in ("nano", "mu", "ti"), (rel, arg, c.model.variant)
+    assert all(int(c.mesh[a]) in (-1, 1) for a in ("data", "fsdp", "tensor")), (rel, arg)
+
+
+def test_imagenet_recipe():
+  """The numbers the docstring promises: 300 / 90 epochs of ImageNet at batch 4096, 256
+  images per v4 chip, bf16 + remat, and a mesh that refuses the wrong slice."""
+  rel = "supervised/imagenet_vit_b16.py"
+  for arg, epochs in (("", 300), ("ep90", 90)):
+    c = _get_config(rel, arg)
+    assert c.total_steps * c.input.global_batch_size / 1_281_167 == pytest.approx(epochs,
+                                                                                  abs=0.01)
+  c = _get_config(rel, "")
+  assert (c.model.variant, c.input.image_size) == ("b/16", 224)
+  assert (c.model.dtype, c.model.remat) == ("bfloat16", True)
+  assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.grad_clip_norm,
+          c.schedule.warmup_steps) == (3e-3, 0.1, 1.0, 10_000)
+  assert c.input.global_batch_size // (c.mesh.data * c.mesh.fsdp) == 256
+  with pytest.raises(config_lib.ConfigError, match="mesh"):
+    config_lib.validate(c, 8)  # A v4-32 config on an 8-device host must not run silently.
+  with pytest.raises(config_lib.ConfigError, match="mesh"):
+    config_lib.validate(_get_config(rel, "gpu8"), 16)
+
+
+@pytest.mark.parametrize("arg", ["", "runlocal"])
+def test_cifar10_transfer_matches_its_upstream(arg):
+  """cifar10_vit_b16 loads everything but the head from an imagenet_vit_b16 export, so the
+  two must build the same trunk: variant, pool and token count (image size / patch)."""
+  down = _get_config("supervised/cifar10_vit_b16.py", arg)
+  up = _get_config("supervised/imagenet_vit_b16.py", arg)
+  assert (down.model.variant, down.model.pool) == (up.model.variant, up.model.pool)
+  assert down.input.image_size == up.input.image_size
+  if not arg:  # Channels: the runlocal pair reads the same dataset; ImageNet/CIFAR are RGB.
+    assert (down.input.dataset, up.input.dataset) == ("cifar10", "imagenet2012")
+  else:
+    assert down.input.dataset == up.input.dataset
+  assert down.init.skip_regex == "^head/"
+  patch = vit.decode_variant(down.model.variant)["patch_size"]
+  if down.input.image_size:
+    assert down.input.image_size % patch == 0
+  if not arg:  # big_vision's CIFAR-10 transfer recipe.
+    assert (down.optimizer.name, down.optimizer.lr, down.optimizer.momentum,
+            down.input.global_batch_size, down.total_steps) == ("sgd", 0.03, 0.9, 512, 10_000)
