@@ -15,9 +15,12 @@ from absl import app, flags
 
 from jax_transfer import checkpoint
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
-_OUT = flags.DEFINE_string("out", None, "Export directory to write.")
-flags.mark_flags_as_required(["workdir", "out"])
+
+
+def _define_flags():  # Only when run as a CLI, so importing this module defines no flags.
+  flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
+  flags.DEFINE_string("out", None, "Export directory to write.")
+  flags.mark_flags_as_required(["workdir", "out"])
 
 
 def export_workdir(workdir: str, out: str) -> int:
@@ -43,12 +46,13 @@ def export_workdir(workdir: str, out: str) -> int:
 def main(argv):
   del argv
   try:
-    step = export_workdir(_WORKDIR.value, _OUT.value)
+    step = export_workdir(flags.FLAGS.workdir, flags.FLAGS.out)
   except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"exported step {step} of {_WORKDIR.value} to {_OUT.value}")
+  print(f"exported step {step} of {flags.FLAGS.workdir} to {flags.FLAGS.out}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

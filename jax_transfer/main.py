@@ -6,7 +6,6 @@ reported as one line naming the key, with exit status 2, before anything compile
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
@@ -18,24 +17,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of orbax / grain / tfds (dozens of lines per checkpoint)."""
-  NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/")
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or not any(
-        n in record.pathname for n in self.NOISY)
-
-
-def setup_logging():
-  logging.getLogger().setLevel(logging.INFO)
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(_QuietLibraries())
-
-
 def run(argv):
   del argv
   from jax_transfer import config as config_lib, data, train  # After flags: fast --help.
+  from jax_transfer.metrics import setup_logging
   setup_logging()
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

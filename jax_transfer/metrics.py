@@ -3,6 +3,7 @@ event files (tensorboardX, no TensorFlow). Only process 0 writes."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -71,3 +72,18 @@ def _hms(seconds: float) -> str:
   m, s = divmod(int(seconds), 60)
   h, m = divmod(m, 60)
   return f"{h}:{m:02d}:{s:02d}"
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax / grain / tfds (dozens of lines per checkpoint)."""
+  NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/")
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
+def setup_logging():
+  logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
