@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from typing import Any
 
 import flax
@@ -22,6 +23,9 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import load_file as st_load, save_file as st_save
 
 EXPORT_FILES = ("params.safetensors", "config.json")
+# Files a method writes into the workdir that belong with the parameters (the contrastive
+# tokenizer's vocabulary); export copies them, load_pretrained's callers read them.
+ASSET_FILES = ("tokenizer.json",)
 
 
 def checkpoint_manager(workdir: str, keep: int, save_every: int) -> ocp.CheckpointManager:
@@ -66,7 +70,8 @@ def unflatten(flat: dict[str, Any]):
   return flax.traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
-def export(params, config: ml_collections.ConfigDict, out_dir: str) -> None:
+def export(params, config: ml_collections.ConfigDict, out_dir: str,
+           assets_from: str | None = None) -> None:
   """Writes params as safetensors and msgpack plus the config as JSON. Files are written
   under temporary names and renamed, so an interrupted export never leaves a half file
   under a final name."""
@@ -78,6 +83,10 @@ def export(params, config: ml_collections.ConfigDict, out_dir: str) -> None:
           flax.serialization.msgpack_serialize(unflatten(flat))),
       "config.json": lambda p: open(p, "w").write(config.to_json_best_effort(indent=2)),
   }
+  for name in ASSET_FILES:
+    src = os.path.join(assets_from or "", name)
+    if assets_from and os.path.exists(src):
+      writes[name] = lambda p, src=src: shutil.copyfile(src, p)
   for name, write in writes.items():
     tmp = os.path.join(out_dir, f".{name}.tmp")
     write(tmp)

@@ -11,6 +11,9 @@ import ml_collections
 
 # Keys a method may add beyond the base (their sections are validated by the method).
 METHOD_SECTIONS = ("contrastive", "icl", "learngene", "distill", "transfer_eval")
+# Sections whose keys depend on a choice (config.model: the model named by model_name);
+# validate() checks them by building the model, whose constructor rejects unknown fields.
+FREE_SECTIONS = ("model",)
 
 
 class ConfigError(ValueError):
@@ -78,7 +81,7 @@ def _check_keys(config, reference, prefix=""):
   """Every key of `config` must exist in `reference` with a compatible type."""
   for key in config.keys():
     name = f"{prefix}{key}"
-    if prefix == "" and key in METHOD_SECTIONS:
+    if prefix == "" and key in METHOD_SECTIONS + FREE_SECTIONS:
       continue
     if key not in reference:
       close = [k for k in reference.keys() if k[:3] == key[:3]]

@@ -38,7 +38,7 @@ def export_workdir(workdir: str, out: str) -> int:
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  checkpoint.export(state["state"]["params"], config, out)
+  checkpoint.export(state["state"]["params"], config, out, assets_from=workdir)
   mngr.close()
   return step
 

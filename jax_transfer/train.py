@@ -135,7 +135,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
                                         process_count=jax.process_count())
 
   # ------------------------------------------------------------------------- Model + update.
-  method = method_cls(config, mesh)
+  method = method_cls(config, mesh, workdir)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.total_steps)
   step_fn = method.train_step or make_default_train_step(method, tx, schedule,
                                                          config.grad_accum_steps)
@@ -190,7 +190,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
 
   try:
     for step in range(first_step + 1, config.total_steps + 1):
-      batch = parallel.global_batch(next(train_iter), mesh)
+      batch = parallel.global_batch(method.host_batch(next(train_iter)), mesh)
       with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
         state, metrics = train_step(state, batch)
       if pending is not None:

@@ -1,11 +1,15 @@
 """Every config under ml_collections_configs/ validates for the hardware its docstring names,
-and its `runlocal` variant is small enough for this CPU. Fast: no dataset, no compilation."""
+and its `runlocal` variant is small enough for this CPU. Fast: no training, no compilation.
+
+config.validate reads dataset metadata (class count, image shape). The catalogue datasets the
+pod configs name cannot be prepared here, so their TFDS metadata is stubbed below; the
+embedded ones are read for real."""
 import importlib.util
 import pathlib
 
 import pytest
 
-from jax_transfer import config as config_lib
+from jax_transfer import config as config_lib, data
 from jax_transfer.models import vit
 
 CONFIG_ROOT = pathlib.Path(__file__).resolve().parents[1] / "ml_collections_configs"
@@ -21,6 +25,25 @@ TARGETS = {
 # Device counts a config without an entry above may target (CPU, one host, pod slices).
 ANY_TARGET = (1, 8, 16, 32, 64, 128, 256)
 EMBEDDED = ("digits", "shapes_captions")
+# TFDS catalogue metadata (tensorflow_datasets docs) of datasets the pod configs use:
+# name -> (classes of 'label', image shape; None = varies per image).
+CATALOGUE = {"imagenet2012": (1000, (None, None, 3)), "cifar10": (10, (32, 32, 3))}
+
+
+@pytest.fixture(autouse=True)
+def catalogue_metadata(monkeypatch, data_dir):
+  """data.dataset_info for CATALOGUE datasets without preparing them; real otherwise."""
+  real = data.dataset_info
+
+  def dataset_info(name, data_dir=None, label_key=None):
+    if name not in CATALOGUE:
+      return real(name, data_dir, label_key)
+    n, shape = CATALOGUE[name]
+    names = [str(i) for i in range(n)]
+    return {"num_classes": n, "class_names": names, "image_shape": shape,
+            "num_examples": {}, "label_key": label_key or "label",
+            "attributes": {"label": names}}
+  monkeypatch.setattr(data, "dataset_info", dataset_info)
 
 
 def _config_files():

@@ -198,14 +198,13 @@ class _Preprocess:
       image = image[..., None]
     if self.image_size and image.shape[:2] != (self.image_size,) * 2:
       image = _resize(image, self.image_size)
-    label = int(ex[self.label_key])
-    if self.remap is not None:
-      label = int(self.remap[label])
-      assert label >= 0, 'index selection must have dropped other classes'
-    out = {
-        'image': image.astype(np.float32) / 127.5 - 1.0,
-        'label': np.int32(label),
-    }
+    out = {'image': image.astype(np.float32) / 127.5 - 1.0}
+    if self.label_key in ex:  # Image-text data (shapes_captions) may have no 'label'.
+      label = int(ex[self.label_key])
+      if self.remap is not None:
+        label = int(self.remap[label])
+        assert label >= 0, 'index selection must have dropped other classes'
+      out['label'] = np.int32(label)
     if 'caption' in ex:
       caption = ex['caption']
       out['caption'] = caption.decode() if isinstance(caption, bytes) else str(caption)

@@ -6,6 +6,7 @@ import importlib
 # name -> "module:Class", imported on use so a method's extra dependencies load only when run.
 METHODS = {
     "supervised": "jax_transfer.methods.supervised:Supervised",
+    "contrastive": "jax_transfer.methods.contrastive:Contrastive",
 }
 
 

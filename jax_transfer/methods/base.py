@@ -1,6 +1,7 @@
 """What a method supplies to the shared loop (train.py). Everything else is the loop's.
 
 A method is a class built from the config. The loop calls, in order:
+  host_batch(local_batch)          -> numeric arrays for the step (e.g. tokenised captions)
   init_params(rng)                 -> boxed param tree (leaves carry logical axis names)
   init_extra(rng, params)          -> method state outside the optimiser (default None);
                                       boxed leaves are sharded by the same rules
@@ -18,14 +19,21 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 
 from jax_transfer import checkpoint
 
 
 class Method:
 
-  def __init__(self, config, mesh):
-    self.config, self.mesh = config, mesh
+  def __init__(self, config, mesh, workdir: str | None = None):
+    self.config, self.mesh, self.workdir = config, mesh, workdir
+
+  def host_batch(self, batch: dict) -> dict:
+    """Local host batch -> the numeric arrays the step consumes (runs before the batch is
+    made global). Default: drop non-numeric columns (captions); a method that needs text
+    tokenises it here."""
+    return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "OSU"}
 
   @staticmethod
   def validate_config(config) -> None:

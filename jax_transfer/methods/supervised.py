@@ -34,8 +34,8 @@ class Supervised(Method):
           f"model.num_classes={config.model.num_classes} but the data has {n} classes "
           f"({c.dataset}:{c.label_key}{', input.classes' if c.classes else ''})")
 
-  def __init__(self, config, mesh):
-    super().__init__(config, mesh)
+  def __init__(self, config, mesh, workdir=None):
+    super().__init__(config, mesh, workdir)
     self.model = build_model(config)
     info = data.dataset_info(config.input.dataset, config.input.data_dir)
     size = config.input.image_size

@@ -7,9 +7,10 @@ from typing import Callable
 
 import flax.linen as nn
 
+from jax_transfer.models.two_towers import TwoTowers, make_two_towers
 from jax_transfer.models.vit import ViT, decode_variant, make_vit
 
-MODELS: dict[str, Callable[..., nn.Module]] = {'vit': make_vit}
+MODELS: dict[str, Callable[..., nn.Module]] = {'vit': make_vit, 'two_towers': make_two_towers}
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
@@ -19,4 +20,5 @@ def get_model(name: str, **kwargs) -> nn.Module:
   return MODELS[name](**kwargs)
 
 
-__all__ = ['MODELS', 'ViT', 'decode_variant', 'get_model', 'make_vit']
+__all__ = ['MODELS', 'TwoTowers', 'ViT', 'decode_variant', 'get_model', 'make_two_towers',
+           'make_vit']

@@ -5,14 +5,20 @@ big_vision. Position embeddings follow the original ViT: added *after* the class
 prepended, so 'b/16' at 224 with 1000 classes has the reference 86,567,656 parameters.
 
 Param layout (paths are a contract: checkpoint import and learngene map params by path):
-  embedding/{kernel [p, p, C, D], bias [D]}     Conv patch embedding
+  embedding/{kernel [p, p, C, D], bias [D]}     Conv patch embedding (bias only if patch_bias)
   cls [1, 1, D]                                 only when pool='cls'
   pos_embedding [1, N, D]                       N = patches (+1 with cls); fixed at init
+  ln_pre                                        only when pre_norm (open_clip's ln_pre)
   encoderblock_{i}/ln_1, attn/{qkv, out}, ln_2, mlp/{fc1, fc2}
       attn/qkv/kernel [D, 3, H, K], bias [3, H, K]   fused q, k, v: one matmul, split on axis 1
       attn/out/kernel [H, K, D],    bias [D]
   encoder_norm, pre_logits (only if representation_size), head (only if num_classes > 0)
-Blocks are plain per-block subtrees (no nn.scan), so each can be built separately.
+Blocks are plain per-block subtrees (no nn.scan), so each can be built separately. The same
+Block (with causal=True) is the text tower's block (models/text.py).
+
+open_clip parity options (defaults keep the big_vision behaviour): pre_norm=True,
+ln_eps=1e-5, gelu_approximate=False, patch_bias=False give open_clip's VisionTransformer
+(pool='cls'); the weight mapping is in models/two_towers.py.
 
 Logical axis names (rules in parallel.py map them to mesh axes 'data' / 'fsdp' / 'tensor'):
   params:      'embed' (D: conv out, LN, cls, posemb, qkv/out/fc in-out, head in)
@@ -112,6 +118,7 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Dtype
   param_dtype: Dtype
+  causal: bool = False  # token i attends to tokens <= i (text tower)
 
   @nn.compact
   def __call__(self, x):  # x: [B, N, D] -> [B, N, D]
@@ -126,14 +133,15 @@ class Attention(nn.Module):
                for i in range(3))
     # implementation=None: XLA on CPU/TPU, cuDNN flash attention on GPU when eligible.
     # Softmax runs in f32 inside dot_product_attention even for bf16 inputs.
-    y = jax.nn.dot_product_attention(q, k, v, implementation=None)  # [B, N, H, K]
+    y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
+                                     implementation=None)  # [B, N, H, K]
     return Projection('bnhk,hkd->bnd', (h, hd, d), ('heads', 'kv', 'embed'), ('embed',),
                       _out_init, name='out', **kw)(y)
 
 
-def ln(name, dtype, param_dtype):
+def ln(name, dtype, param_dtype, epsilon=1e-6):
   """LayerNorm with logically named scale/bias. Statistics are computed in f32 by flax."""
-  return nn.LayerNorm(name=name, dtype=dtype, param_dtype=param_dtype,
+  return nn.LayerNorm(name=name, dtype=dtype, param_dtype=param_dtype, epsilon=epsilon,
                       scale_init=P(nn.initializers.ones, ('embed',)),
                       bias_init=P(nn.initializers.zeros, ('embed',)))
 
@@ -144,6 +152,7 @@ class MLP(nn.Module):
   dropout: float
   dtype: Dtype
   param_dtype: Dtype
+  gelu_approximate: bool = True  # tanh GELU (big_vision); False = exact erf GELU (torch)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -151,7 +160,8 @@ class MLP(nn.Module):
       return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
                       kernel_init=P(nn.initializers.xavier_uniform(), names),
                       bias_init=P(nn.initializers.normal(1e-6), names[1:]))
-    h = nn.gelu(dense(self.mlp_dim, ('embed', 'mlp'), 'fc1')(x))
+    h = nn.gelu(dense(self.mlp_dim, ('embed', 'mlp'), 'fc1')(x),
+                approximate=self.gelu_approximate)
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return dense(x.shape[-1], ('mlp', 'embed'), 'fc2')(h)
@@ -164,15 +174,30 @@ class Block(nn.Module):
   dropout: float
   dtype: Dtype
   param_dtype: Dtype
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = True
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):  # `train` positional: static under nn.remat
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = nn.Dropout(self.dropout, deterministic=not train)
     x = nn.with_logical_constraint(x, ACT)
-    x = x + drop(Attention(self.num_heads, name='attn', **kw)(ln('ln_1', **kw)(x)))
-    y = MLP(self.mlp_dim, self.dropout, name='mlp', **kw)(ln('ln_2', **kw)(x), train)
+    attn = Attention(self.num_heads, causal=self.causal, name='attn', **kw)
+    x = x + drop(attn(ln('ln_1', epsilon=self.ln_eps, **kw)(x)))
+    mlp = MLP(self.mlp_dim, self.dropout, gelu_approximate=self.gelu_approximate, name='mlp',
+              **kw)
+    y = mlp(ln('ln_2', epsilon=self.ln_eps, **kw)(x), train)
     return nn.with_logical_constraint(x + drop(y), ACT)
+
+
+def block_class(remat: bool, remat_policy: str = 'nothing_saveable'):
+  """Block, or Block under nn.remat (recompute activations in the backward pass)."""
+  if not remat:
+    return Block
+  # static_argnums=(2,): argnum 2 of Block.__call__(self, x, train) is `train`.
+  return nn.remat(Block, static_argnums=(2,),
+                  policy=getattr(jax.checkpoint_policies, remat_policy))
 
 
 class ViT(nn.Module):
@@ -198,6 +223,11 @@ class ViT(nn.Module):
   remat_policy: str = 'nothing_saveable'  # any name in jax.checkpoint_policies
   head_zero_init: bool = True
   representation_size: Optional[int] = None
+  # open_clip parity (see the module docstring); defaults are big_vision's.
+  pre_norm: bool = False  # LayerNorm 'ln_pre' after the position embeddings
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = True
+  patch_bias: bool = True
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -212,6 +242,7 @@ class ViT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', name='embedding',
+                use_bias=self.patch_bias,
                 kernel_init=P(nn.initializers.lecun_normal(),
                               ('patch_h', 'patch_w', 'channels', 'embed')),
                 bias_init=P(nn.initializers.zeros, ('embed',)), **kw)(images)
@@ -225,16 +256,16 @@ class ViT(nn.Module):
                      P(nn.initializers.normal(stddev=d ** -0.5), (None, 'posemb_len', 'embed')),
                      (1, x.shape[1], d), self.param_dtype)
     x = nn.with_logical_constraint(x + pos.astype(x.dtype), ACT)
+    if self.pre_norm:
+      x = ln('ln_pre', epsilon=self.ln_eps, **kw)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
-    block = Block
-    if self.remat:  # recompute activations in the backward pass; argnum 2 = `train`
-      block = nn.remat(Block, static_argnums=(2,),
-                       policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    block = block_class(self.remat, self.remat_policy)
     for i in range(self.depth):
-      x = block(self.mlp_dim, self.num_heads, self.dropout, name=f'encoderblock_{i}', **kw)(
+      x = block(self.mlp_dim, self.num_heads, self.dropout, ln_eps=self.ln_eps,
+                gelu_approximate=self.gelu_approximate, name=f'encoderblock_{i}', **kw)(
           x, train)
-    x = ln('encoder_norm', **kw)(x)
+    x = ln('encoder_norm', epsilon=self.ln_eps, **kw)(x)
     aux = {'tokens': x}
 
     x = x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)  # [B, D]

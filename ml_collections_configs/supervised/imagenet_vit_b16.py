@@ -47,11 +47,13 @@ Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was availab
   per-image FLOPs of B/16 at 224 x 384M images is ~2.7e19 FLOPs with remat, i.e. roughly
   7 h on a v4-32 at 50% MFU -- if the input pipeline keeps up (it decodes and resizes JPEGs
   in Python; raise input.num_workers until steps/s stops rising).
-  Measured, runlocal (2 CPU cores, AMD EPYC, jax 0.10.2 CPU, 2025-xx; see below):
+  Measured, runlocal only (2 CPU cores, AMD EPYC, jax 0.10.2 on CPU, shared machine):
     python -m jax_transfer.main \
       --config=ml_collections_configs/supervised/imagenet_vit_b16.py:runlocal \
       --workdir=/tmp/i1k_runlocal
-  RUNLOCAL_RESULT
+  8.2 s wall for the whole process (data already built; ~3 s more the first time it builds
+  digits), peak RSS 0.63 GB; 20 steps, digits 0-4 test accuracy 0.63 (loss 1.41) -- a smoke
+  run, far from converged (the full digits_vit.py run is the converged reference).
 """
 from jax_transfer.config import base_config
 

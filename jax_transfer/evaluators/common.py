@@ -1,0 +1,39 @@
+"""Running a jitted function over a whole eval split and bringing the results to the host."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jax_transfer import data, parallel
+
+
+def embed_split(fn: Callable, params, input_cfg, split: str, batch_size: int, mesh, *,
+                inputs: Callable[[dict], dict], keep: tuple[str, ...] = (),
+                limit: int | None = None) -> dict[str, np.ndarray]:
+  """Applies `fn(params, **inputs(batch))` (jitted, global batches) to every example of
+  `split`; returns {'out': [N, ...]} plus the numeric columns named in `keep` ('label',
+  'shape', ...), padding removed, in dataset order, gathered from every process. `inputs`
+  turns a host batch into the model's numeric inputs (e.g. tokenises captions). `limit` stops
+  after that many examples."""
+  jfn = jax.jit(fn)
+  outs, cols, seen = [], {k: [] for k in keep}, 0
+  for local in data.make_eval_iterator(input_cfg, split, batch_size=batch_size,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count()):
+    batch = parallel.global_batch(inputs(local), mesh)
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    host = jax.tree.map(gather, parallel.global_batch(
+        {k: np.asarray(local[k]) for k in ("mask", *keep)}, mesh))
+    mask = host["mask"]
+    outs.append(gather(jfn(params, **batch))[mask])
+    for k in keep:
+      cols[k].append(host[k][mask])
+    seen += int(mask.sum())
+    if limit is not None and seen >= limit:
+      break
+  result = {"out": np.concatenate(outs)[:limit]}
+  result.update({k: np.concatenate(v)[:limit] for k, v in cols.items()})
+  return result

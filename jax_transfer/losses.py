@@ -1,0 +1,387 @@
+"""Losses shared by the methods. One section per family; each loss returns (loss, metrics).
+
+Contrastive image-text losses (CLIP, ALIGN, SigLIP) come in two forms with the same results:
+
+* dense:   plain jnp on global [B, E] arrays sharded over the batch axes; XLA places the
+           collectives (it all-gathers the other tower and materialises the [B, B] logits, a
+           [b, B] slab per device, so per-device memory grows with the device count).
+* chunked: `jax.shard_map` over the batch mesh axes ('data', 'fsdp'). Each device keeps its
+           image block [b, E]; text blocks travel around a ring with `lax.ppermute` (n - 1
+           hops), so a device only ever holds [b, b] logit blocks: memory stays flat as the
+           number of devices grows (open_clip's "local loss", big_vision's chunked sigmoid).
+
+Conventions (REFERENCES.md, CLIP / ALIGN / SigLIP): zimg, ztxt are L2-normalised [B, E];
+`logit_scale` is the raw log-temperature t (scale = exp(t)); for the softmax losses the scale is
+clipped at 100 inside the loss, and `clamp_logit_scale` clips the parameter itself to
+[0, log 100] after each update, as open_clip does. SigLIP uses exp(t) unclipped (t' = log 10 at
+init, bias b = -10) as big_vision does.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jax_transfer.parallel import BATCH_AXES
+
+# ================================================================================================
+# Contrastive (CLIP / ALIGN / SigLIP)
+# ================================================================================================
+
+MAX_LOGIT_SCALE = 100.0  # CLIP: "clipped to prevent scaling the logits by more than 100".
+
+
+def clamp_logit_scale(t):
+  """Log-temperature parameter t -> t clipped to [0, log 100]; apply after each update."""
+  return jnp.clip(t, 0.0, math.log(MAX_LOGIT_SCALE))
+
+
+def _softmax_scale(t):
+  """exp(t) clipped at 100 (CLIP / ALIGN)."""
+  return jnp.minimum(jnp.exp(t), MAX_LOGIT_SCALE)
+
+
+def _sigmoid_scale(t):
+  return jnp.exp(t)
+
+
+def _check(zimg, ztxt):
+  chex.assert_rank(zimg, 2)
+  chex.assert_equal_shape([zimg, ztxt])
+  return zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
+
+
+def _strict_hits(pos, negatives):
+  """Accuracy counts: does the positive strictly beat every negative of its row / column?
+  pos: [B]; negatives: [B, B] logits with the diagonal at -inf. (Ties count as misses, so
+  all-equal logits give accuracy 0, not argmax's tie-break; the chunked losses compute the same
+  definition from running maxima.)"""
+  return jnp.sum(pos > negatives.max(axis=1)), jnp.sum(pos > negatives.max(axis=0))
+
+
+def _cross_entropy(lse_negatives, pos):
+  """CE = logsumexp_j l_j - l_pos, written as softplus(logsumexp_{j != pos} l_j - l_pos): the
+  same value, but accurate in float32 when the loss is tiny (CLIP on separable pairs at init is
+  4.37e-6, which a logsumexp of size ~14 minus a logit of size ~14 would round to ~1e-6)."""
+  return jax.nn.softplus(lse_negatives - pos)
+
+
+def _mask_diagonal(logits):
+  return jnp.where(jnp.eye(logits.shape[0], dtype=bool), -jnp.inf, logits)
+
+
+# ---- dense ------------------------------------------------------------------------------------
+
+def _dense_softmax(zimg, ztxt, logit_scale, direction_weight):
+  """Shared by CLIP (weight 1/2: mean of the two directions) and ALIGN (weight 1: their sum)."""
+  zimg, ztxt = _check(zimg, ztxt)
+  b = zimg.shape[0]
+  scale = _softmax_scale(logit_scale)
+  logits = scale * zimg @ ztxt.T                      # [B, B]: row i = image i vs all texts
+  pos, negatives = jnp.diagonal(logits), _mask_diagonal(logits)
+  i2t = jnp.mean(_cross_entropy(jax.nn.logsumexp(negatives, axis=1), pos))  # CE(logits, arange)
+  t2i = jnp.mean(_cross_entropy(jax.nn.logsumexp(negatives, axis=0), pos))  # CE(logits^T, ..)
+  loss = direction_weight * (i2t + t2i)
+  hits_i2t, hits_t2i = _strict_hits(pos, negatives)
+  return loss, {"i2t_acc": hits_i2t / b, "t2i_acc": hits_t2i / b, "scale": scale}
+
+
+def clip_loss(zimg, ztxt, logit_scale):
+  """CLIP: 1/2 [CE(logits, arange) + CE(logits^T, arange)], logits = min(e^t, 100) zimg ztxt^T.
+  zimg, ztxt: [B, E] L2-normalised; logit_scale: [] raw t. Returns (loss, metrics)."""
+  return _dense_softmax(zimg, ztxt, logit_scale, 0.5)
+
+
+def align_loss(zimg, ztxt, logit_scale):
+  """ALIGN: the same normalised softmax, the two directions summed (L_i2t + L_t2i)."""
+  return _dense_softmax(zimg, ztxt, logit_scale, 1.0)
+
+
+def _signed_for_softplus(logits, diag):
+  """-log sigmoid(z l) = softplus(-z l): negate the positives (the diagonal of the own block)."""
+  if not diag:
+    return logits
+  return jnp.where(jnp.eye(logits.shape[0], dtype=bool), -logits, logits)
+
+
+def siglip_loss(zimg, ztxt, logit_scale, logit_bias):
+  """SigLIP: -(1/B) sum_ij log sigmoid(z_ij (e^t x_i.y_j + b)), z_ii = 1, z_ij = -1 otherwise.
+  Normalised by B (not B^2), as in the paper and big_vision. Computed as
+  (1/B) sum_ij softplus(-z_ij l_ij) -- equal to REFERENCES.md's sum softplus(l) - sum l_ii, but
+  without the cancellation softplus(l) - l suffers for confident positives."""
+  zimg, ztxt = _check(zimg, ztxt)
+  b = zimg.shape[0]
+  scale = _sigmoid_scale(logit_scale)
+  logits = scale * zimg @ ztxt.T + logit_bias
+  loss = jnp.sum(jax.nn.softplus(_signed_for_softplus(logits, True))) / b
+  hits_i2t, hits_t2i = _strict_hits(jnp.diagonal(logits), _mask_diagonal(logits))
+  return loss, {"i2t_acc": hits_i2t / b, "t2i_acc": hits_t2i / b, "scale": scale,
+                "bias": jnp.asarray(logit_bias, jnp.float32)}
+
+
+# ---- chunked (ring over the batch axes) -------------------------------------------------------
+#
+# Why a hand-written backward (jax.custom_vjp) rather than autodiff through the ring: reverse-
+# mode through a scan of n steps stores each step's residuals, i.e. n [b, b] logit blocks (or,
+# with jax.checkpoint, n travelling [b, E] text blocks) -- exactly the [b, B] slab the ring is
+# meant to avoid. The backward is instead a second ring pass (like flash attention's): it
+# recomputes each [b, b] block from the saved embeddings and per-row logsumexps, so forward and
+# backward both keep O(b^2 + b E) per device. ppermute's own transpose (the inverse permutation)
+# is what the backward ring implements: the text-gradient accumulator travels with its block and
+# takes a last hop home. The tests check these gradients against autodiff of the dense losses.
+#
+# The t2i direction (softmax over all images for each text) is computed in the same pass: each
+# travelling text block carries its running per-text logsumexp (and running max for accuracy),
+# updated on every device it visits from the transposed block, and after the ring a final hop of
+# that [b] vector brings it home. That costs one [b]-float hop instead of a second n-step ring
+# of [b, E] blocks and [b, b] matmuls.
+
+def _ring(block_fn, combine, local, travel, axis, n):
+  """Visits all n blocks of `travel` with each device's `local` block.
+
+  block_fn(local, travel, diag) -> (local_stats, travel_stats): statistics of one [b, b] block;
+  diag=True on the first step only, when the travelling block is the device's own (the block
+  holding the positives). combine = (merge_local, merge_travel), each (acc, new) -> acc. Returns
+  (local_stats over all blocks, travel_stats of *this device's own* travelling block over all
+  devices). Travelling inputs make n - 1 hops; their statistics make one more hop home.
+  """
+  shift = functools.partial(lax.ppermute, axis_name=axis,
+                            perm=[(i, (i + 1) % n) for i in range(n)])
+  local_acc, travel_acc = block_fn(local, travel, True)
+  if n == 1:
+    return local_acc, travel_acc
+
+  def step(carry, _):
+    local_acc, travel, travel_acc = carry
+    travel, travel_acc = shift((travel, travel_acc))  # step s (1..n-1): device k holds block k - s
+    new_local, new_travel = block_fn(local, travel, False)
+    return (combine[0](local_acc, new_local), travel,
+            combine[1](travel_acc, new_travel)), None
+
+  (local_acc, _, travel_acc), _ = lax.scan(step, (local_acc, travel, travel_acc), None,
+                                           length=n - 1)
+  # After n - 1 hops device k holds block k + 1's statistics; one hop takes them home.
+  return local_acc, shift(travel_acc)
+
+
+def _ring_size(mesh: Mesh, batch: int) -> int:
+  n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if batch % n:
+    raise ValueError(f"chunked contrastive loss: batch {batch} is not divisible by the "
+                     f"{n} devices of mesh axes {BATCH_AXES}")
+  return n
+
+
+def _logsumexp_max(acc, new):
+  """Streaming logsumexp (logaddexp is the exact merge of two logsumexps) and running max."""
+  (lse_a, max_a), (lse_b, max_b) = acc, new
+  return jnp.logaddexp(lse_a, lse_b), jnp.maximum(max_a, max_b)
+
+
+def _sum_max(acc, new):
+  return acc[0] + new[0], jnp.maximum(acc[1], new[1])
+
+
+def _add(acc, new):
+  return jax.tree.map(jnp.add, acc, new)
+
+
+def _negatives(logits, diag):
+  return _mask_diagonal(logits) if diag else logits
+
+
+def _smap(mesh, fn, in_specs, out_specs):
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+ROWS = P(BATCH_AXES, None)  # [B, E] embeddings: batch split over ('data', 'fsdp').
+VEC = P(BATCH_AXES)         # [B] per-example statistics.
+
+
+def _chunked_softmax_fwd(mesh, direction_weight, zimg_in, ztxt_in, t):
+  zimg, ztxt = _check(zimg_in, ztxt_in)
+  batch = zimg.shape[0]
+  n = _ring_size(mesh, batch)
+  w = direction_weight / batch
+
+  def per_device(x, y, t):
+    scale = _softmax_scale(t)
+
+    def block(x, y, diag):
+      neg = _negatives(scale * x @ y.T, diag)        # [b, b]: local images vs one text block
+      return ((jax.nn.logsumexp(neg, axis=1), neg.max(axis=1)),
+              (jax.nn.logsumexp(neg, axis=0), neg.max(axis=0)))
+
+    (lse_row, max_row), (lse_col, max_col) = _ring(block, (_logsumexp_max, _logsumexp_max),
+                                                   x, y, BATCH_AXES, n)
+    pos = scale * jnp.sum(x * y, axis=1)              # own pairs live on the own block
+    ce_row, ce_col = _cross_entropy(lse_row, pos), _cross_entropy(lse_col, pos)
+    loss = lax.psum(w * (jnp.sum(ce_row) + jnp.sum(ce_col)), BATCH_AXES)
+    acc = lax.psum(jnp.stack([jnp.sum(pos > max_row), jnp.sum(pos > max_col)]), BATCH_AXES)
+    # The backward needs the full logsumexps (negatives and positive): pos + CE.
+    return loss, acc / batch, scale, pos + ce_row, pos + ce_col
+
+  loss, acc, scale, lse_row, lse_col = _smap(
+      mesh, per_device, (ROWS, ROWS, P()), (P(), P(), P(), VEC, VEC))(zimg, ztxt, t)
+  metrics = {"i2t_acc": acc[0], "t2i_acc": acc[1], "scale": scale}
+  return (loss, metrics), (zimg_in, ztxt_in, t, lse_row, lse_col)
+
+
+def _chunked_softmax_bwd(mesh, direction_weight, res, g):
+  zimg_in, ztxt_in, t, lse_row, lse_col = res
+  zimg, ztxt = _check(zimg_in, ztxt_in)
+  batch = zimg.shape[0]
+  n = _ring_size(mesh, batch)
+  c = g[0] * direction_weight / batch    # d loss / d logits = c (P + Q - 2I)
+
+  def per_device(x, lse_row, y, lse_col, t, c):
+    scale = _softmax_scale(t)
+
+    def block(local, travel, diag):
+      (x, lse_row), (y, lse_col) = local, travel
+      dots = x @ y.T
+      logits = scale * dots
+      grad = jnp.exp(logits - lse_row[:, None]) + jnp.exp(logits - lse_col[None, :])
+      if diag:
+        grad = grad - 2.0 * jnp.eye(grad.shape[0])
+      grad = c * grad
+      return (scale * grad @ y, jnp.sum(grad * dots)), scale * grad.T @ x
+
+    (dx, dscale), dy = _ring(block, (_add, _add), (x, lse_row), (y, lse_col), BATCH_AXES, n)
+    return dx, dy, lax.psum(dscale, BATCH_AXES)
+
+  dx, dy, dscale = _smap(mesh, per_device, (ROWS, VEC, ROWS, VEC, P(), P()),
+                         (ROWS, ROWS, P()))(zimg, lse_row, ztxt, lse_col, t, c)
+  dt, = jax.vjp(_softmax_scale, t)[1](dscale.astype(t.dtype).reshape(jnp.shape(t)))
+  return dx.astype(zimg_in.dtype), dy.astype(ztxt_in.dtype), dt
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_softmax(mesh, direction_weight, zimg, ztxt, t):
+  return _chunked_softmax_fwd(mesh, direction_weight, zimg, ztxt, t)[0]
+
+
+_chunked_softmax.defvjp(_chunked_softmax_fwd, _chunked_softmax_bwd)
+
+
+def _as_float(t):
+  return jnp.asarray(t, jnp.float32)
+
+
+def chunked_clip_loss(zimg, ztxt, logit_scale, *, mesh: Mesh):
+  """`clip_loss` computed with [b, b] blocks on a ring over the mesh's batch axes."""
+  return _chunked_softmax(mesh, 0.5, zimg, ztxt, _as_float(logit_scale))
+
+
+def chunked_align_loss(zimg, ztxt, logit_scale, *, mesh: Mesh):
+  """`align_loss` computed with [b, b] blocks on a ring over the mesh's batch axes."""
+  return _chunked_softmax(mesh, 1.0, zimg, ztxt, _as_float(logit_scale))
+
+
+def _chunked_siglip_fwd(mesh, zimg_in, ztxt_in, t, bias):
+  zimg, ztxt = _check(zimg_in, ztxt_in)
+  batch = zimg.shape[0]
+  n = _ring_size(mesh, batch)
+
+  def per_device(x, y, t, bias):
+    scale = _sigmoid_scale(t)
+
+    def block(x, y, diag):
+      logits = scale * x @ y.T + bias
+      neg = _negatives(logits, diag)
+      softplus_sum = jnp.sum(jax.nn.softplus(_signed_for_softplus(logits, diag)))
+      return (softplus_sum, neg.max(axis=1)), neg.max(axis=0)
+
+    (softplus_sum, max_row), max_col = _ring(block, (_sum_max, jnp.maximum), x, y,
+                                             BATCH_AXES, n)
+    loss = lax.psum(softplus_sum, BATCH_AXES) / batch
+    pos = scale * jnp.sum(x * y, axis=1) + bias       # positives: only on the own block
+    acc = lax.psum(jnp.stack([jnp.sum(pos > max_row), jnp.sum(pos > max_col)]), BATCH_AXES)
+    return loss, acc / batch, scale
+
+  loss, acc, scale = _smap(mesh, per_device, (ROWS, ROWS, P(), P()),
+                           (P(), P(), P()))(zimg, ztxt, t, bias)
+  metrics = {"i2t_acc": acc[0], "t2i_acc": acc[1], "scale": scale, "bias": bias}
+  return (loss, metrics), (zimg_in, ztxt_in, t, bias)
+
+
+def _chunked_siglip_bwd(mesh, res, g):
+  zimg_in, ztxt_in, t, bias = res
+  zimg, ztxt = _check(zimg_in, ztxt_in)
+  batch = zimg.shape[0]
+  n = _ring_size(mesh, batch)
+  c = g[0] / batch                       # d loss / d logits = c (sigmoid(l) - I)
+
+  def per_device(x, y, t, bias, c):
+    scale = _sigmoid_scale(t)
+
+    def block(x, y, diag):
+      dots = x @ y.T
+      grad = jax.nn.sigmoid(scale * dots + bias)
+      if diag:
+        grad = grad - jnp.eye(grad.shape[0])
+      grad = c * grad
+      return (scale * grad @ y, jnp.sum(grad * dots), jnp.sum(grad)), scale * grad.T @ x
+
+    (dx, dscale, dbias), dy = _ring(block, (_add, _add), x, y, BATCH_AXES, n)
+    return dx, dy, lax.psum(dscale, BATCH_AXES), lax.psum(dbias, BATCH_AXES)
+
+  dx, dy, dscale, dbias = _smap(mesh, per_device, (ROWS, ROWS, P(), P(), P()),
+                                (ROWS, ROWS, P(), P()))(zimg, ztxt, t, bias, c)
+  dt, = jax.vjp(_sigmoid_scale, t)[1](dscale.reshape(jnp.shape(t)))
+  return (dx.astype(zimg_in.dtype), dy.astype(ztxt_in.dtype), dt,
+          dbias.reshape(jnp.shape(bias)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_siglip(mesh, zimg, ztxt, t, bias):
+  return _chunked_siglip_fwd(mesh, zimg, ztxt, t, bias)[0]
+
+
+_chunked_siglip.defvjp(_chunked_siglip_fwd, _chunked_siglip_bwd)
+
+
+def chunked_siglip_loss(zimg, ztxt, logit_scale, logit_bias, *, mesh: Mesh):
+  """`siglip_loss` as a sum of softplus over [b, b] blocks on a ring over the batch axes; the
+  positive labels (z_ii = 1) live on each device's own block only, the first one it visits."""
+  return _chunked_siglip(mesh, zimg, ztxt, _as_float(logit_scale), _as_float(logit_bias))
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+ContrastiveLoss = Callable[..., tuple[jax.Array, dict]]
+
+# name -> (dense, chunked, uses logit_bias)
+CONTRASTIVE_LOSSES = {
+    "clip": (clip_loss, chunked_clip_loss, False),
+    "align": (align_loss, chunked_align_loss, False),
+    "siglip": (siglip_loss, chunked_siglip_loss, True),
+}
+
+
+def get_contrastive_loss(name: str, chunked: bool = False, mesh: Mesh | None = None
+                         ) -> ContrastiveLoss:
+  """Uniform callable `(zimg, ztxt, logit_scale, logit_bias=None) -> (loss, metrics)`.
+  Softmax losses ignore `logit_bias`. `chunked=True` needs the mesh the batch is sharded on."""
+  if name not in CONTRASTIVE_LOSSES:
+    raise ValueError(f"unknown contrastive loss {name!r}; allowed: "
+                     f"{', '.join(sorted(CONTRASTIVE_LOSSES))}")
+  dense, ring, uses_bias = CONTRASTIVE_LOSSES[name]
+  if chunked and mesh is None:
+    raise ValueError(f"chunked contrastive loss {name!r} needs a mesh")
+  fn = functools.partial(ring, mesh=mesh) if chunked else dense
+
+  def loss_fn(zimg, ztxt, logit_scale, logit_bias=None):
+    if uses_bias:
+      if logit_bias is None:
+        raise ValueError(f"contrastive loss {name!r} needs logit_bias")
+      return fn(zimg, ztxt, logit_scale, logit_bias)
+    return fn(zimg, ztxt, logit_scale)
+
+  return loss_fn

@@ -1,0 +1,151 @@
+"""Contrastive image-text pretraining: CLIP, ALIGN (softmax) and SigLIP (sigmoid).
+
+config.contrastive:
+  loss            'clip' | 'align' | 'siglip'
+  chunked_loss    True: the memory-flat shard_map loss (text blocks travel around the batch
+                  axes); False: the dense loss, XLA places the collectives.
+  tokenizer_path  optional tokenizer.json to reuse; otherwise one is trained from the training
+                  captions and saved as workdir/tokenizer.json (export copies it).
+  zero_shot       {attribute: [prompt templates with '{}']} for the zero-shot evaluator; class
+                  names come from the dataset's ClassLabel names.
+  retrieval_limit / probe_train_limit / probe_shots: evaluator sizes.
+Negatives come from the whole global batch, across all devices, for every loss.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_transfer import config as config_lib, data, losses, models
+from jax_transfer.evaluators.linear_probe import LinearProbeEvaluator
+from jax_transfer.evaluators.retrieval import RetrievalEvaluator
+from jax_transfer.evaluators.zero_shot import ZeroShotEvaluator
+from jax_transfer.methods.base import Method
+from jax_transfer.tokenizer import Tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_captions(input_cfg) -> list[str]:
+  """Every caption of the training split, decoded (the tokenizer's training text)."""
+  source = data.get_source(input_cfg.dataset, input_cfg.train_split, input_cfg.data_dir)
+  out = []
+  for i in range(len(source)):
+    c = source[i]["caption"]
+    out.append(c.decode() if isinstance(c, bytes) else str(c))
+  return out
+
+
+def get_tokenizer(config, workdir: str | None) -> Tokenizer:
+  """The run's tokenizer: the workdir's (resume), the configured file, or a new one trained
+  on the training captions and saved to the workdir."""
+  path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
+  if path and os.path.exists(path):
+    return Tokenizer.load(path)
+  if config.contrastive.tokenizer_path:
+    tok = Tokenizer.load(config.contrastive.tokenizer_path)
+  else:
+    tok = Tokenizer.train(train_captions(config.input), vocab_size=config.model.vocab_size,
+                          context_length=config.model.context_length)
+    logging.info("Trained a %d-token vocabulary on the training captions", tok.vocab_size)
+  if tok.vocab_size > config.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+        f"{tok.vocab_size} tokens")
+  if path and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tok.save(path)
+  return tok
+
+
+class Contrastive(Method):
+
+  @staticmethod
+  def validate_config(config):
+    c = config.get("contrastive")
+    if c is None:
+      raise config_lib.ConfigError("method='contrastive' needs a 'contrastive' config section")
+    if c.loss not in losses.CONTRASTIVE_LOSSES:
+      raise config_lib.ConfigError(f"contrastive.loss={c.loss!r} is unknown; allowed: "
+                                   f"{sorted(losses.CONTRASTIVE_LOSSES)}")
+    if config.model_name != "two_towers":
+      raise config_lib.ConfigError(f"method='contrastive' needs model_name='two_towers', got "
+                                   f"{config.model_name!r}")
+    info = data.dataset_info(config.input.dataset, config.input.data_dir)
+    attributes = info.get("attributes") or {}
+    for key in c.zero_shot.keys():
+      if key not in attributes:
+        raise config_lib.ConfigError(f"contrastive.zero_shot.{key}: {config.input.dataset} has"
+                                     f" no such label; allowed: {sorted(attributes)}")
+
+  def __init__(self, config, mesh, workdir=None):
+    super().__init__(config, mesh, workdir)
+    self.model = models.get_model(config.model_name, **config_lib.model_kwargs(config.model))
+    self.tokenizer = get_tokenizer(config, workdir)
+    info = data.dataset_info(config.input.dataset, config.input.data_dir)
+    self.attributes = info.get("attributes") or {}
+    size = config.input.image_size
+    h, w, ch = info["image_shape"]
+    self.image_shape = (size, size, ch) if size else (h, w, ch)
+    self.loss = losses.get_contrastive_loss(config.contrastive.loss,
+                                            chunked=config.contrastive.chunked_loss, mesh=mesh)
+
+  def host_batch(self, batch):
+    captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
+    return {"image": batch["image"], "tokens": self.tokenizer.encode(captions)}
+
+  def init_params(self, rng):
+    images = jnp.zeros((1, *self.image_shape), jnp.float32)
+    tokens = jnp.zeros((1, self.config.model.context_length), jnp.int32)
+    return self.model.init({"params": rng}, images, tokens)["params"]
+
+  def loss_fn(self, params, extra, batch, rng):
+    (zimg, ztxt), aux = self.model.apply({"params": params}, batch["image"], batch["tokens"],
+                                         train=True, rngs={"dropout": rng})
+    loss, metrics = self.loss(zimg, ztxt, aux["logit_scale"], aux["logit_bias"])
+    metrics = dict(metrics, temperature=jnp.exp(aux["logit_scale"]).squeeze(),
+                   bias=jnp.asarray(aux["logit_bias"]).squeeze())
+    return loss, (metrics, extra)
+
+  def after_update(self, params):
+    # CLIP/ALIGN: keep exp(t) in [1, 100] after every update, as open_clip does.
+    if self.config.contrastive.loss in ("clip", "align"):
+      params = dict(params, logit_scale=losses.clamp_logit_scale(params["logit_scale"]))
+    return params
+
+  # ------------------------------------------------------------------------------ Evaluators.
+  def encode_image(self, params, images):
+    return self.model.apply({"params": params}, images, method=self.model.encode_image)
+
+  def encode_text(self, params, tokens):
+    return self.model.apply({"params": params}, tokens, method=self.model.encode_text)
+
+  def encode_pair(self, params, images, tokens):
+    return jnp.stack([self.encode_image(params, images), self.encode_text(params, tokens)], 1)
+
+  def evaluators(self):
+    c, cc = self.config, self.config.contrastive
+    common = dict(input_cfg=c.input, batch_size=c.eval.batch_size, mesh=self.mesh,
+                  every_steps=c.eval_every_steps)
+    evs = []
+    if cc.zero_shot:
+      attributes = {k: (self.attributes[k], list(v)) for k, v in cc.zero_shot.items()}
+      evs.append(ZeroShotEvaluator(image_fn=self.encode_image, text_fn=self.encode_text,
+                                   tokenizer=self.tokenizer, split=c.eval.split,
+                                   attributes=attributes, **common))
+    if cc.retrieval_limit:
+      evs.append(RetrievalEvaluator(
+          pair_fn=self.encode_pair, split=c.eval.split, limit=cc.retrieval_limit,
+          tokenize=lambda caps: self.tokenizer.encode(
+              [x.decode() if isinstance(x, bytes) else str(x) for x in caps]),
+          relevance_keys=tuple(self.attributes), **common))
+    if cc.probe_train_limit:
+      evs.append(LinearProbeEvaluator(
+          image_fn=self.encode_image, train_split=c.input.train_split, test_split=c.eval.split,
+          label_keys={k: len(v) for k, v in self.attributes.items()},
+          shots=tuple(cc.probe_shots), train_limit=cc.probe_train_limit, **common))
+    return evs

@@ -1,0 +1,73 @@
+"""Causal text Transformer: the text tower of CLIP-style two-tower models (open_clip layout).
+
+tokens [B, L] int32 -> token_embedding + positional_embedding -> depth x ViT Block with
+causal attention -> ln_final -> features at the end-of-text token.
+
+Pooling follows OpenAI CLIP / open_clip ('argmax' pool): the EOT token has the largest id in
+the vocabulary, so its position is argmax(tokens, axis=-1). jax_transfer.tokenizer guarantees
+this. With causal attention the EOT features depend only on the tokens up to EOT, so padding
+after it never matters (and no padding mask is needed).
+
+Param layout (logical names in brackets):
+  token_embedding/embedding [V, D]     ('vocab', 'embed')
+  positional_embedding [L, D]          ('posemb_len', 'embed')
+  encoderblock_{i}/...                 the ViT Block (models/vit.py), causal=True
+  ln_final/{scale, bias} [D]           ('embed',)
+"""
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jax_transfer.models.vit import ACT, P, block_class, ln
+
+Dtype = Any
+
+
+class TextTransformer(nn.Module):
+  """tokens [B, L] int32 (L <= context_length) -> (pooled [B, D], aux {'tokens': [B, L, D]}).
+
+  `pooled` is ln_final(x) at the EOT position; aux['tokens'] is ln_final(x) for all positions.
+  """
+  vocab_size: int
+  context_length: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = True
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
+    b, n = tokens.shape
+    if n > self.context_length:
+      raise ValueError(f'{n} tokens exceed context_length {self.context_length}')
+    d = self.width
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # std 0.02 / 0.01 as open_clip's TextTransformer.init_parameters.
+    x = nn.Embed(self.vocab_size, d, name='token_embedding',
+                 embedding_init=P(nn.initializers.normal(0.02), ('vocab', 'embed')),
+                 **kw)(tokens)  # [B, L, D]
+    pos = self.param('positional_embedding',
+                     P(nn.initializers.normal(0.01), ('posemb_len', 'embed')),
+                     (self.context_length, d), self.param_dtype)
+    x = nn.with_logical_constraint(x + pos[:n].astype(x.dtype), ACT)  # as open_clip: [:L]
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+
+    block = block_class(self.remat, self.remat_policy)
+    for i in range(self.depth):
+      x = block(self.mlp_dim, self.num_heads, self.dropout, ln_eps=self.ln_eps,
+                gelu_approximate=self.gelu_approximate, causal=True,
+                name=f'encoderblock_{i}', **kw)(x, train)
+    x = ln('ln_final', epsilon=self.ln_eps, **kw)(x)
+    eot = jnp.argmax(tokens, axis=-1)  # [B]: EOT is the largest id (first one on ties)
+    pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]  # [B, D]
+    chex.assert_shape(pooled, (b, d))
+    return pooled, {'tokens': x}

@@ -1,0 +1,177 @@
+"""Two-tower image-text model for CLIP / ALIGN / SigLIP: ViT image tower, causal text tower,
+linear projections into a shared embedding space, and the learned logit scale / bias.
+
+  images [B, H, W, C] -> img (ViT, num_classes=0) -> img_proj -> L2 norm -> zimg [B, E]
+  tokens [B, L] int32 -> txt (TextTransformer)    -> txt_proj -> L2 norm -> ztxt [B, E]
+
+Losses (losses.py) use logits = exp(logit_scale) * zimg @ ztxt.T (+ logit_bias for SigLIP);
+this module only holds the two scalars. Init: CLIP logit_scale_init = log(1/0.07),
+logit_bias_init = 0; SigLIP log(10) and -10.
+
+Param layout (logical names in brackets; D = tower width, E = embed_dim):
+  img/...                 ViT params (models/vit.py), no head
+  txt/...                 TextTransformer params (models/text.py)
+  img_proj/kernel [Di, E] ('embed', 'proj_embed')   no bias
+  txt_proj/kernel [Dt, E] ('embed', 'proj_embed')   no bias
+  logit_scale []          ()   log of the temperature's inverse, as open_clip
+  logit_bias []           ()   always created (unused by the CLIP loss)
+
+open_clip -> jax_transfer weight mapping (exact for open_clip's `CLIP` with its own
+`VisionTransformer` and text transformer, pool_type 'tok' for the image and 'argmax' for the
+text, no LayerScale, erf GELU; build ours with pre_norm=True, patch_bias=False, ln_eps=1e-5,
+gelu_approximate=False, image_pool='cls'). Torch Linear weights are [out, in]; ours are
+[in, ...]. Prefix `visual.` -> `img/`; text keys sit at the top level in `CLIP` (and under
+`text.` in `CustomTextCLIP`) -> `txt/`. Block i: `transformer.resblocks.{i}.` ->
+`encoderblock_{i}/`. D = width, H = heads, K = D // H, p = patch, C = channels.
+
+  visual.conv1.weight [D, C, p, p]      -> img/embedding/kernel [p, p, C, D]   w.transpose(2, 3, 1, 0)
+                                           (no bias: patch_bias=False)
+  visual.class_embedding [D]            -> img/cls [1, 1, D]                    w.reshape(1, 1, D)
+  visual.positional_embedding [N+1, D]  -> img/pos_embedding [1, N+1, D]        w[None]
+  visual.ln_pre.{weight, bias}          -> img/ln_pre/{scale, bias}
+  visual.ln_post.{weight, bias}         -> img/encoder_norm/{scale, bias}
+  visual.proj [D, E]                    -> img_proj/kernel [D, E]               as is (x @ proj)
+  token_embedding.weight [V, D]         -> txt/token_embedding/embedding [V, D] as is
+  positional_embedding [L, D]           -> txt/positional_embedding [L, D]      as is
+  ln_final.{weight, bias}               -> txt/ln_final/{scale, bias}
+  text_projection [D, E]                -> txt_proj/kernel [D, E]               as is (x @ proj)
+      (nn.Linear form in CustomTextCLIP: weight [E, D] -> w.T)
+  logit_scale []                        -> logit_scale []                       as is (a log)
+  logit_bias [] (SigLIP-style models)   -> logit_bias []                        else 0
+  In every resblock (image and text alike):
+  ln_1.{weight, bias}, ln_2.{...}       -> ln_1/{scale, bias}, ln_2/{scale, bias}
+  attn.in_proj_weight [3D, D]           -> attn/qkv/kernel [D, 3, H, K]         w.T.reshape(D, 3, H, K)
+      (rows are [q; k; v], each head-major: row t*D + h*K + k)
+  attn.in_proj_bias [3D]                -> attn/qkv/bias [3, H, K]              b.reshape(3, H, K)
+  attn.out_proj.weight [D, D]           -> attn/out/kernel [H, K, D]            w.T.reshape(H, K, D)
+  attn.out_proj.bias [D]                -> attn/out/bias [D]
+  mlp.c_fc.{weight [M, D], bias [M]}    -> mlp/fc1/{kernel [D, M] = w.T, bias}
+  mlp.c_proj.{weight [D, M], bias [D]}  -> mlp/fc2/{kernel [M, D] = w.T, bias}
+Inputs: open_clip takes NCHW images (normalised by its preprocess); ours are NHWC, so feed
+images.transpose(0, 2, 3, 1). Patches are flattened row-major in both. Attention scale is
+1/sqrt(K) in both; the text mask is causal in both; both pool the text at argmax(tokens).
+Not representable here (conversion must refuse them): QuickGELU (OpenAI weights and
+'-quickgelu' configs), LayerScale (ls_1/ls_2), open_clip pool_type 'avg' (it keeps a class
+token; our 'gap' has none), attentional pooling, timm image towers, text pool 'last'/'first'
+or without the causal mask (open_clip's SigLIP text towers), and HF text towers.
+"""
+import math
+from typing import Any, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax_transfer.models.text import TextTransformer
+from jax_transfer.models.vit import P, decode_variant, make_vit
+
+Dtype = Any
+
+
+def l2_normalize(x):
+  """x [B, E] -> x / ||x|| in f32 (the norm of bf16 activations is too coarse for the loss);
+  a zero vector stays zero, as torch's F.normalize (eps 1e-12 on the norm)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+class TwoTowers(nn.Module):
+  """encode_image(images [B, H, W, C]) -> [B, E]; encode_text(tokens [B, L]) -> [B, E];
+  __call__(images, tokens) -> ((zimg, ztxt), aux). Embeddings are f32 and unit-norm.
+
+  aux: 'logit_scale' (the raw log parameter: the loss uses exp of it), 'logit_bias',
+  'img_features' [B, Di] / 'txt_features' [B, Dt] (pooled, before projection; for probes).
+  Either input of __call__ may be None; its embedding and features are then None.
+  """
+  image_variant: str = 'b/16'
+  image_pool: str = 'cls'
+  text_width: int = 512
+  text_depth: int = 12
+  text_heads: int = 8
+  text_mlp_dim: Optional[int] = None  # None: 4 * text_width
+  vocab_size: int = 49408
+  context_length: int = 77
+  embed_dim: int = 512
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
+  logit_scale_init: float = math.log(1 / 0.07)  # CLIP; SigLIP: log(10)
+  logit_bias_init: float = 0.0  # SigLIP: -10
+  # open_clip parity (see the module docstring), passed to both towers.
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = True
+  pre_norm: bool = False
+  patch_bias: bool = True
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+              remat_policy=self.remat_policy, ln_eps=self.ln_eps,
+              gelu_approximate=self.gelu_approximate)
+    self.img = make_vit(self.image_variant, num_classes=0, pool=self.image_pool,
+                        pre_norm=self.pre_norm, patch_bias=self.patch_bias, **kw)
+    self.txt = TextTransformer(
+        vocab_size=self.vocab_size, context_length=self.context_length,
+        width=self.text_width, depth=self.text_depth, num_heads=self.text_heads,
+        mlp_dim=self.text_mlp_dim or 4 * self.text_width, **kw)
+
+    def proj(name, width):  # open_clip init: normal(width ** -0.5)
+      return nn.Dense(self.embed_dim, use_bias=False, name=name, dtype=self.dtype,
+                      param_dtype=self.param_dtype,
+                      kernel_init=P(nn.initializers.normal(width ** -0.5),
+                                    ('embed', 'proj_embed')))
+    self.img_proj = proj('img_proj', self.img.width)
+    self.txt_proj = proj('txt_proj', self.text_width)
+    self.logit_scale = self.param(
+        'logit_scale', P(nn.initializers.constant(self.logit_scale_init), ()), (),
+        self.param_dtype)
+    self.logit_bias = self.param(
+        'logit_bias', P(nn.initializers.constant(self.logit_bias_init), ()), (),
+        self.param_dtype)
+
+  def _image(self, images, train):
+    features, _ = self.img(images, train=train)  # [B, Di]
+    return l2_normalize(self.img_proj(features)), features
+
+  def _text(self, tokens, train):
+    features, _ = self.txt(tokens, train=train)  # [B, Dt]
+    return l2_normalize(self.txt_proj(features)), features
+
+  def encode_image(self, images, *, train: bool = False):
+    """images [B, H, W, C] -> zimg [B, E], f32, unit-norm."""
+    z, _ = self._image(images, train)
+    chex.assert_shape(z, (images.shape[0], self.embed_dim))
+    return z
+
+  def encode_text(self, tokens, *, train: bool = False):
+    """tokens [B, L] int32 -> ztxt [B, E], f32, unit-norm."""
+    z, _ = self._text(tokens, train)
+    chex.assert_shape(z, (tokens.shape[0], self.embed_dim))
+    return z
+
+  def __call__(self, images, tokens, *, train: bool = False):
+    zimg = fimg = ztxt = ftxt = None
+    if images is not None:
+      zimg, fimg = self._image(images, train)
+    if tokens is not None:
+      ztxt, ftxt = self._text(tokens, train)
+    aux = {'logit_scale': self.logit_scale, 'logit_bias': self.logit_bias,
+           'img_features': fimg, 'txt_features': ftxt}
+    return (zimg, ztxt), aux
+
+
+def make_two_towers(**kwargs) -> TwoTowers:
+  """make_two_towers(image_variant='mu/4', text_width=64, ...) -> TwoTowers.
+
+  Checks what can be checked before init (config validation builds the model, never inits it).
+  """
+  model = TwoTowers(**kwargs)
+  if 'patch_size' not in decode_variant(model.image_variant):  # ValueError if unknown
+    raise ValueError(f'image_variant {model.image_variant!r} needs a patch size, e.g. "b/16"')
+  if model.image_pool not in ('cls', 'gap'):
+    raise ValueError(f'Unknown image_pool {model.image_pool!r}; allowed: cls, gap')
+  if model.text_width % model.text_heads:
+    raise ValueError(f'text_width {model.text_width} is not divisible by text_heads '
+                     f'{model.text_heads}')
+  return model
