@@ -111,8 +111,8 @@ def render(rows: list[dict], command: str, load: tuple, jax_version: str) -> str
       "between runs at small n. The expected outcome: dense temp grows ~linearly with n "
       "(its [b, B] slabs and the gathered [B, E] tower), chunked temp stays flat (a few "
       "[b, b] blocks).", "",
-      "| loss | devices n | global B | B x B f32 MiB | dense temp MiB | chunked temp MiB | dense args MiB "
-      "| chunked args MiB | dense ms | chunked ms | loss (dense / chunked) |",
+      "| loss | devices n | global B | B x B f32 MiB | dense temp MiB | chunked temp MiB "
+      "| dense args MiB | chunked args MiB | dense ms | chunked ms | loss (dense / chunked) |",
       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
   ]
   by_key = {(r["loss"], r["devices"], r["form"]): r for r in rows}

@@ -196,3 +196,34 @@ def test_tokenizer_json_save_load(tmp_path):
   (tmp_path / 'bad.json').write_text('{"format": "other"}')
   with pytest.raises(ValueError, match='not a'):
     Tokenizer.load(str(tmp_path / 'bad.json'))
+
+
+def test_documented_open_clip_mapping_for_attention_and_patches():
+  """The in_proj / out_proj / conv1 rules in two_towers.py's docstring, against numpy versions
+  of torch's nn.MultiheadAttention and NCHW Conv2d math on torch-layout weights."""
+  from jax_transfer.models.vit import Attention
+  rng = np.random.default_rng(4)
+  b, n, d, h, c, p = 2, 5, 8, 2, 3, 4
+  k = d // h
+  x = rng.normal(size=(b, n, d)).astype(np.float32)
+  w_in, b_in = rng.normal(size=(3 * d, d)), rng.normal(size=(3 * d,))
+  w_out, b_out = rng.normal(size=(d, d)), rng.normal(size=(d,))
+  q, kk, v = np.split(x @ w_in.T + b_in, 3, axis=-1)  # torch: x W^T + b, then chunk(3)
+  heads = lambda t: t.reshape(b, n, h, k)  # noqa: E731  torch splits each of q/k/v by head
+  s = np.einsum('bqhk,bshk->bhqs', heads(q), heads(kk)) / np.sqrt(k)
+  a = np.exp(s - s.max(-1, keepdims=True))
+  y = np.einsum('bhqs,bshk->bqhk', a / a.sum(-1, keepdims=True), heads(v)).reshape(b, n, d)
+  ref = y @ w_out.T + b_out
+  params = {'qkv': {'kernel': w_in.T.reshape(d, 3, h, k), 'bias': b_in.reshape(3, h, k)},
+            'out': {'kernel': w_out.T.reshape(h, k, d), 'bias': b_out}}
+  ours = Attention(h, jnp.float32, jnp.float32).apply({'params': params}, x)
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+  imgs = rng.normal(size=(b, c, 2 * p, 2 * p)).astype(np.float32)  # NCHW, 2x2 patches
+  w_conv = rng.normal(size=(d, c, p, p))
+  patches = imgs.reshape(b, c, 2, p, 2, p).transpose(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, p, p]
+  ref = np.einsum('bijcuv,dcuv->bijd', patches, w_conv).reshape(b, 4, d)  # row-major patches
+  conv = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', use_bias=False)
+  ours = conv.apply({'params': {'kernel': w_conv.transpose(2, 3, 1, 0)}},
+                    imgs.transpose(0, 2, 3, 1)).reshape(b, 4, d)
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)

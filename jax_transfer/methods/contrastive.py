@@ -107,9 +107,7 @@ class Contrastive(Method):
     (zimg, ztxt), aux = self.model.apply({"params": params}, batch["image"], batch["tokens"],
                                          train=True, rngs={"dropout": rng})
     loss, metrics = self.loss(zimg, ztxt, aux["logit_scale"], aux["logit_bias"])
-    metrics = dict(metrics, temperature=jnp.exp(aux["logit_scale"]).squeeze(),
-                   bias=jnp.asarray(aux["logit_bias"]).squeeze())
-    return loss, (metrics, extra)
+    return loss, (metrics, extra)  # metrics: i2t_acc, t2i_acc, scale (and bias for SigLIP).
 
   def after_update(self, params):
     # CLIP/ALIGN: keep exp(t) in [1, 100] after every update, as open_clip does.

@@ -24,7 +24,8 @@ gelu_approximate=False, image_pool='cls'). Torch Linear weights are [out, in]; o
 `text.` in `CustomTextCLIP`) -> `txt/`. Block i: `transformer.resblocks.{i}.` ->
 `encoderblock_{i}/`. D = width, H = heads, K = D // H, p = patch, C = channels.
 
-  visual.conv1.weight [D, C, p, p]      -> img/embedding/kernel [p, p, C, D]   w.transpose(2, 3, 1, 0)
+  visual.conv1.weight [D, C, p, p]      -> img/embedding/kernel [p, p, C, D]
+                                           w.transpose(2, 3, 1, 0)
                                            (no bias: patch_bias=False)
   visual.class_embedding [D]            -> img/cls [1, 1, D]                    w.reshape(1, 1, D)
   visual.positional_embedding [N+1, D]  -> img/pos_embedding [1, N+1, D]        w[None]
@@ -40,7 +41,8 @@ gelu_approximate=False, image_pool='cls'). Torch Linear weights are [out, in]; o
   logit_bias [] (SigLIP-style models)   -> logit_bias []                        else 0
   In every resblock (image and text alike):
   ln_1.{weight, bias}, ln_2.{...}       -> ln_1/{scale, bias}, ln_2/{scale, bias}
-  attn.in_proj_weight [3D, D]           -> attn/qkv/kernel [D, 3, H, K]         w.T.reshape(D, 3, H, K)
+  attn.in_proj_weight [3D, D]           -> attn/qkv/kernel [D, 3, H, K]
+                                           w.T.reshape(D, 3, H, K)
       (rows are [q; k; v], each head-major: row t*D + h*K + k)
   attn.in_proj_bias [3D]                -> attn/qkv/bias [3, H, K]              b.reshape(3, H, K)
   attn.out_proj.weight [D, D]           -> attn/out/kernel [H, K, D]            w.T.reshape(H, K, D)
