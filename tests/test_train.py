@@ -121,7 +121,7 @@ def test_transfer_init_and_linear_probe_freeze_backbone(data_dir, tmp_path, unin
   out = str(tmp_path / "export")
   export_lib.export_workdir(workdir, out)
   c = _config(data_dir, steps=5)
-  c.input.classes = [5, 6, 7]
+  c.input.classes = (5, 6, 7)
   c.model.num_classes = 3
   c.init.export_dir = out
   c.optimizer.trainable_regex = "^head/"

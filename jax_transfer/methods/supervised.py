@@ -49,7 +49,7 @@ class Supervised(Method):
   def loss_fn(self, params, extra, batch, rng):
     logits, _ = self.model.apply({"params": params}, batch["image"], train=True,
                                  rngs={"dropout": rng})
-    labels = batch[self.config.input.label_key]
+    labels = batch["label"]  # The pipeline's (remapped) input.label_key column.
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), labels).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -61,5 +61,4 @@ class Supervised(Method):
   def evaluators(self):
     c = self.config
     return [ClassificationEvaluator(self.predict, c.input, c.eval.split, c.eval.batch_size,
-                                    self.mesh, c.eval_every_steps, name="eval",
-                                    label_key=c.input.label_key)]
+                                    self.mesh, c.eval_every_steps, name="eval")]

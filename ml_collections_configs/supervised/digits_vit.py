@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
 
   c.input.dataset = "digits"
   c.input.global_batch_size = 64
-  c.input.classes = [0, 1, 2, 3, 4]
+  c.input.classes = (0, 1, 2, 3, 4)
   c.eval.batch_size = 256
 
   c.model.variant = "mu/2"   # width 64, depth 4, 4 heads; 8x8 image -> 16 patches + cls.
@@ -42,7 +42,7 @@ def get_config(arg: str = ""):
   c.schedule.warmup_steps = 50
 
   if "transfer" in args or "probe" in args:
-    c.input.classes = [5, 6, 7, 8, 9]
+    c.input.classes = (5, 6, 7, 8, 9)
     c.input.examples_per_class = 10
     c.input.global_batch_size = 32
     c.total_steps = 300
