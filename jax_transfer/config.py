@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.input = ml_collections.ConfigDict(dict(
       dataset="digits", data_dir=ml_collections.config_dict.placeholder(str),
-      train_split="train", global_batch_size=64, label_key="label",
+      train_split="train", global_batch_size=64, label_key="label", caption_key="caption",
       classes=ml_collections.config_dict.placeholder(tuple),  # tuple: overridable as --config.input.classes="(5,6)"
       examples_per_class=ml_collections.config_dict.placeholder(int), subset_seed=0,
       image_size=ml_collections.config_dict.placeholder(int), num_workers=0, prefetch=2))

@@ -169,6 +169,15 @@ def _label_key(input_cfg) -> str:
 # ----------------------------------------------------------------------------
 
 
+def nested_get(example: dict, path: str):
+  """example['a']['b'] for path 'a/b'; None when absent."""
+  for part in path.split('/'):
+    if not isinstance(example, dict) or part not in example:
+      return None
+    example = example[part]
+  return example
+
+
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
   """Bilinear resize of uint8 [H, W, C] to [size, size, C] (PIL, per channel)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -190,6 +199,8 @@ class _Preprocess:
       self.remap = np.full(max(classes) + 1, -1, np.int64)
       self.remap[list(classes)] = np.arange(len(classes))
     self.image_size = input_cfg.get('image_size')
+    # 'caption' (shapes_captions) or a nested path such as 'captions/text' (coco_captions).
+    self.caption_key = input_cfg.get('caption_key') or 'caption'
 
   def __call__(self, index) -> dict:
     ex = self.source[int(index)]
@@ -205,8 +216,10 @@ class _Preprocess:
         label = int(self.remap[label])
         assert label >= 0, 'index selection must have dropped other classes'
       out['label'] = np.int32(label)
-    if 'caption' in ex:
-      caption = ex['caption']
+    caption = nested_get(ex, self.caption_key)
+    if caption is not None:
+      if isinstance(caption, (list, tuple, np.ndarray)) and np.ndim(caption):
+        caption = caption[0]  # Several captions per image (coco_captions): the first.
       out['caption'] = caption.decode() if isinstance(caption, bytes) else str(caption)
     for key in _PASSTHROUGH_INT:
       if key in ex:

@@ -2,41 +2,29 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jax_transfer import data, parallel
+from jax_transfer.evaluators.common import embed_split
 
 
 class ClassificationEvaluator:
-  """Every example of `split` is counted once: padded examples carry mask=False.
+  """Every example of `split` is counted once (padding is dropped by embed_split).
 
-  predict_fn(params, images) -> logits [B, num_classes].
+  predict_fn(params, images) -> logits [B, num_classes]; labels are the pipeline's 'label'
+  column (input.label_key, remapped when input.classes is set).
   """
 
   def __init__(self, predict_fn, input_cfg, split: str, batch_size: int, mesh, every_steps,
                name: str = "eval"):
     self.name, self.every_steps = name, every_steps
-    self._input, self._split, self._mesh = input_cfg, split, mesh
-    self._batch_size = batch_size
-
-    def counts(params, batch):
-      logits = predict_fn(params, batch["image"])
-      labels, mask = batch["label"], batch["mask"]  # 'label': input.label_key, remapped.
-      correct = (jnp.argmax(logits, -1) == labels) & mask
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-      return jnp.sum(correct), jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(mask)
-    self._counts = jax.jit(counts)
+    self._input, self._split, self._mesh, self._batch_size = input_cfg, split, mesh, batch_size
+    self._logits = jax.jit(lambda p, images: predict_fn(p, images))
 
   def run(self, params, extra=None) -> dict:
     del extra
-    total = np.zeros(3)
-    for local in data.make_eval_iterator(
-        self._input, self._split, batch_size=self._batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count()):
-      local = {k: local[k] for k in ("image", "label", "mask")}
-      batch = parallel.global_batch(local, self._mesh)
-      total += np.array([float(x) for x in self._counts(params, batch)])
-    correct, loss, n = total
-    return {"accuracy": correct / n, "loss": loss / n}
+    emb = embed_split(self._logits, params, self._input, self._split, self._batch_size,
+                      self._mesh, inputs=lambda b: {"images": b["image"]}, keep=("label",))
+    logits, labels = emb["out"].astype(np.float64), emb["label"]
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    loss = logz - np.take_along_axis(logits, labels[:, None], -1)[:, 0]
+    return {"accuracy": float(np.mean(logits.argmax(-1) == labels)), "loss": float(loss.mean())}

@@ -10,15 +10,15 @@ from jax.experimental import multihost_utils
 from jax_transfer import data, parallel
 
 
-def embed_split(fn: Callable, params, input_cfg, split: str, batch_size: int, mesh, *,
+def embed_split(jfn: Callable, params, input_cfg, split: str, batch_size: int, mesh, *,
                 inputs: Callable[[dict], dict], keep: tuple[str, ...] = (),
                 limit: int | None = None) -> dict[str, np.ndarray]:
-  """Applies `fn(params, **inputs(batch))` (jitted, global batches) to every example of
+  """Applies the jitted `jfn(params, **inputs(batch))` (global batches) to every example of
   `split`; returns {'out': [N, ...]} plus the numeric columns named in `keep` ('label',
   'shape', ...), padding removed, in dataset order, gathered from every process. `inputs`
   turns a host batch into the model's numeric inputs (e.g. tokenises captions). `limit` stops
-  after that many examples."""
-  jfn = jax.jit(fn)
+  after that many examples. Callers jit `jfn` once (in their __init__), so repeated
+  evaluations reuse the compiled function."""
   outs, cols, seen = [], {k: [] for k in keep}, 0
   for local in data.make_eval_iterator(input_cfg, split, batch_size=batch_size,
                                        process_index=jax.process_index(),

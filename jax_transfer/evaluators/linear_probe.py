@@ -3,6 +3,7 @@ targets, bias column unpenalised in effect by a tiny ridge). Optionally few-shot
 training examples per class, drawn with a fixed seed."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jax_transfer.evaluators.common import embed_split
@@ -31,7 +32,8 @@ class LinearProbeEvaluator:
                label_keys: dict, every_steps: int, shots=(), l2: float = 1e-3,
                train_limit: int = 4000, test_limit=None, name: str = "linear_probe"):
     self.name, self.every_steps = name, every_steps
-    self._fn, self._input, self._bs, self._mesh = image_fn, input_cfg, batch_size, mesh
+    self._fn = jax.jit(lambda p, images: image_fn(p, images))
+    self._input, self._bs, self._mesh = input_cfg, batch_size, mesh
     self._train, self._test, self._keys = train_split, test_split, label_keys
     self._shots, self._l2 = tuple(shots), l2
     self._train_limit, self._test_limit = train_limit, test_limit
@@ -39,7 +41,7 @@ class LinearProbeEvaluator:
   def run(self, params, extra=None) -> dict:
     del extra
     embed = lambda split, limit: embed_split(
-        lambda p, images: self._fn(p, images), params, self._input, split, self._bs,
+        self._fn, params, self._input, split, self._bs,
         self._mesh, inputs=lambda b: {"images": b["image"]}, keep=tuple(self._keys),
         limit=limit)
     tr, te = embed(self._train, self._train_limit), embed(self._test, self._test_limit)

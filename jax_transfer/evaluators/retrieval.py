@@ -6,6 +6,7 @@ labels all equal the query's, because many images there share one description.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jax_transfer.evaluators.common import embed_split
@@ -26,7 +27,7 @@ class RetrievalEvaluator:
                relevance_keys=(), limit: int = 1000, name: str = "retrieval"):
     """pair_fn(params, images, tokens) -> [B, 2, E] (normalised image, text embeddings)."""
     self.name, self.every_steps = name, every_steps
-    self._pair_fn, self._tokenize = pair_fn, tokenize
+    self._pair_fn, self._tokenize = jax.jit(pair_fn), tokenize
     self._input, self._split, self._bs, self._mesh = input_cfg, split, batch_size, mesh
     self._keys, self._limit = tuple(relevance_keys), limit
 

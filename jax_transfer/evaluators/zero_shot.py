@@ -13,9 +13,10 @@ from jax_transfer.evaluators.common import embed_split
 
 
 def class_embeddings(text_fn, params, tokenizer, class_names, templates) -> np.ndarray:
-  """[C, E]: mean over templates of the normalised prompt embeddings, re-normalised."""
+  """[C, E]: mean over templates of the normalised prompt embeddings, re-normalised.
+  text_fn: jitted (params, tokens [N, L]) -> [N, E]."""
   prompts = [t.format(name) for name in class_names for t in templates]
-  z = np.asarray(jax.jit(text_fn)(params, tokenizer.encode(prompts)), np.float64)
+  z = np.asarray(text_fn(params, tokenizer.encode(prompts)), np.float64)
   z = z.reshape(len(class_names), len(templates), -1).mean(axis=1)
   return z / np.linalg.norm(z, axis=-1, keepdims=True)
 
@@ -27,13 +28,14 @@ class ZeroShotEvaluator:
   def __init__(self, *, image_fn, text_fn, tokenizer, input_cfg, split, batch_size, mesh,
                attributes: dict, every_steps: int, name: str = "zero_shot", limit=None):
     self.name, self.every_steps = name, every_steps
-    self._image_fn, self._text_fn, self._tokenizer = image_fn, text_fn, tokenizer
+    self._image_fn = jax.jit(lambda p, images: image_fn(p, images))
+    self._text_fn, self._tokenizer = jax.jit(text_fn), tokenizer
     self._input, self._split, self._bs, self._mesh = input_cfg, split, batch_size, mesh
     self._attributes, self._limit = attributes, limit
 
   def run(self, params, extra=None) -> dict:
     del extra
-    emb = embed_split(lambda p, images: self._image_fn(p, images), params, self._input,
+    emb = embed_split(self._image_fn, params, self._input,
                       self._split, self._bs, self._mesh,
                       inputs=lambda b: {"images": b["image"]}, keep=tuple(self._attributes),
                       limit=self._limit)

@@ -25,19 +25,27 @@ from jax_transfer.evaluators.linear_probe import LinearProbeEvaluator
 from jax_transfer.evaluators.retrieval import RetrievalEvaluator
 from jax_transfer.evaluators.zero_shot import ZeroShotEvaluator
 from jax_transfer.methods.base import Method
+from jax_transfer.data.pipeline import nested_get
 from jax_transfer.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def train_captions(input_cfg) -> list[str]:
-  """Every caption of the training split, decoded (the tokenizer's training text)."""
+def train_captions(input_cfg, limit: int = 100_000) -> list[str]:
+  """Up to `limit` captions of the training split, decoded (the tokenizer's training text;
+  for web-scale data pass contrastive.tokenizer_path instead)."""
   source = data.get_source(input_cfg.dataset, input_cfg.train_split, input_cfg.data_dir)
   out = []
-  for i in range(len(source)):
-    c = source[i]["caption"]
-    out.append(c.decode() if isinstance(c, bytes) else str(c))
-  return out
+  for i in range(min(len(source), limit)):
+    c = nested_get(source[i], input_cfg.caption_key)
+    if isinstance(c, (list, tuple, np.ndarray)) and np.ndim(c):
+      out.extend(c)
+    elif c is not None:
+      out.append(c)
+  if not out:
+    raise config_lib.ConfigError(f"input.caption_key={input_cfg.caption_key!r}: no captions "
+                                 f"in {input_cfg.dataset}[{input_cfg.train_split}]")
+  return [c.decode() if isinstance(c, bytes) else str(c) for c in out]
 
 
 def get_tokenizer(config, workdir: str | None) -> Tokenizer:

@@ -25,9 +25,9 @@ def get_config(arg: str = ""):
   c = base_config()
   c.method = "contrastive"
   c.seed = 0
-  c.total_steps = 1500
+  c.total_steps = 1000
   c.log_every_steps = 100
-  c.eval_every_steps = 500
+  c.eval_every_steps = 250
   c.checkpoint_every_steps = 500
 
   c.input.dataset = "shapes_captions"

@@ -45,9 +45,9 @@ def get_config(arg: str = ""):
     c.input.classes = (5, 6, 7, 8, 9)
     c.input.examples_per_class = 10
     c.input.global_batch_size = 32
-    c.total_steps = 300
-    c.eval_every_steps = 50
-    c.checkpoint_every_steps = 300
+    c.total_steps = 200
+    c.eval_every_steps = 25
+    c.checkpoint_every_steps = 200
     c.schedule.warmup_steps = 20
     c.optimizer.lr = 5e-4
   if "probe" in args:
