@@ -1,6 +1,6 @@
 r"""One CLIP training step, jax_transfer vs open_clip, on this CPU, side by side.
 
-  python benchmarks/open_clip_step.py [--steps 30] [--warmup 5] [--rounds 2] [--batch 128]
+  python benchmarks/open_clip_step.py [--steps 30] [--warmup 5] [--rounds 3] [--batch 128]
                                       [--results benchmarks/RESULTS.md]
 
 The same model on both sides: ml_collections_configs/contrastive/shapes_clip.py's two towers
@@ -113,6 +113,7 @@ def measure_jax(batch: int, steps: int, warmup: int) -> dict:
   step_fn = method.train_step or train.make_default_train_step(method, tx, schedule,
                                                                config.grad_accum_steps)
   state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
+  rss_state = _rss_bytes() - base_rss  # XLA runtime + init compile + state
   m = config.model
   images, tokens = synthetic_batch(batch, IMAGE_SIZE, m.context_length, m.vocab_size)
   gbatch = parallel.global_batch({"image": images, "tokens": tokens}, mesh)
@@ -122,6 +123,7 @@ def measure_jax(batch: int, steps: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     compiled = jitted.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t0
+    rss_compiled = _rss_bytes() - base_rss
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -137,7 +139,8 @@ def measure_jax(batch: int, steps: int, warmup: int) -> dict:
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(box["state"].params))
   return dict(timing, framework="jax_transfer", version=f"jax {jax.__version__}",
               params=params, loss=loss, compile_s=compile_s,
-              peak_rss_delta=_max_rss_bytes() - base_rss,
+              peak_rss_delta=_max_rss_bytes() - base_rss, rss_after_state=rss_state,
+              rss_after_compile=rss_compiled, rss_after_steps=_rss_bytes() - base_rss,
               xla_temp=mem.temp_size_in_bytes, xla_args=mem.argument_size_in_bytes,
               xla_out=mem.output_size_in_bytes, xla_alias=mem.alias_size_in_bytes,
               flops=(cost or {}).get("flops"), threads=os.cpu_count())
@@ -251,7 +254,10 @@ def render(rows: dict, command: str, load: tuple, batch: int, notes: list[str]) 
       f"**, peak RSS delta **{j['peak_rss_delta'] / t['peak_rss_delta']:.2f}x**. "
       f"JAX compile: {j['compile_s']:.1f} s (not in the step time); XLA counts "
       f"{(j['flops'] or 0) / 1e9:.2f} GFLOP per step. Params differ by one scalar "
-      f"(our `logit_bias`, unused by the CLIP loss).",
+      f"(our `logit_bias`, unused by the CLIP loss). JAX RSS above its post-import baseline: "
+      f"{j['rss_after_state'] / 2**20:.0f} MiB after `create_state` (XLA runtime, init "
+      f"compile, state), {j['rss_after_compile'] / 2**20:.0f} MiB after compiling the step, "
+      f"{j['rss_after_steps'] / 2**20:.0f} MiB after the timed steps.",
       "",
       f"Command: `{command}`",
       "",
@@ -283,7 +289,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--warmup", type=int, default=5)
-  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
                  help="RESULTS.md to update ('' = print only)")

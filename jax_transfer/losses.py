@@ -385,3 +385,108 @@ def get_contrastive_loss(name: str, chunked: bool = False, mesh: Mesh | None = N
     return fn(zimg, ztxt, logit_scale)
 
   return loss_fn
+
+
+# ================================================================================================
+# Distillation (Hinton et al. 2015; DeiT soft distillation; TLEG auxiliary model)
+# ================================================================================================
+
+def soft_distillation_loss(student_logits, teacher_logits, labels, *, alpha: float,
+                           temperature: float):
+  """(1 - α)·CE(y, s) + α·τ²·KL(softmax(t/τ) ‖ softmax(s/τ)), mean over the batch.
+
+  student_logits, teacher_logits: [B, C]; labels: [B] ints. The teacher gets no gradient.
+  τ² keeps the soft term's gradient scale independent of τ (Hinton et al. 2015, sec. 2).
+  DeiT's code divides its summed KL by B·C (outputs.numel()); we use the per-example mean the
+  formula states, which only rescales the loss by C (and α = 1 in TLEG, so nothing else moves).
+  Exactly 0 when student == teacher and α = 1: identical log-softmaxes cancel term by term.
+  """
+  chex.assert_rank(student_logits, 2)
+  chex.assert_equal_shape([student_logits, teacher_logits])
+  s = student_logits.astype(jnp.float32)
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
+  log_pt = jax.nn.log_softmax(t / temperature, axis=-1)
+  kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1).mean()
+  ce = -jnp.take_along_axis(jax.nn.log_softmax(s, axis=-1), labels[:, None], axis=-1).mean()
+  loss = (1.0 - alpha) * ce + alpha * temperature ** 2 * kl
+  agree = jnp.mean(jnp.argmax(s, -1) == jnp.argmax(t, -1))
+  return loss, {"ce": ce, "kl": kl, "teacher_agreement": agree}
+
+
+# ================================================================================================
+# Self-supervised (Barlow Twins)
+# ================================================================================================
+
+def barlow_twins_loss(z1, z2, offdiag_weight: float = 5e-3, eps: float = 1e-5):
+  """Barlow Twins (Zbontar et al. 2021, eq. 1). z1, z2: [B, D] embeddings of two views.
+
+  Each dimension is standardised over the batch, C = z1ᵀz2 / B is their [D, D]
+  cross-correlation, and the loss is Σ_i (1 - C_ii)² + offdiag_weight · Σ_{i≠j} C_ij²:
+  invariance to the augmentation on the diagonal, redundancy reduction off it. Computed in
+  float32 on the global (batch-sharded) arrays; XLA reduces over the batch axes."""
+  chex.assert_equal_shape((z1, z2))
+  chex.assert_rank(z1, 2)
+  z1, z2 = z1.astype(jnp.float32), z2.astype(jnp.float32)
+  standardise = lambda z: (z - z.mean(0)) / (z.std(0) + eps)
+  c = standardise(z1).T @ standardise(z2) / z1.shape[0]  # [D, D]
+  diag = jnp.diagonal(c)
+  on = jnp.sum((1.0 - diag) ** 2)
+  off = jnp.sum(c ** 2) - jnp.sum(diag ** 2)
+  loss = on + offdiag_weight * off
+  return loss, {"bt_on_diag": on, "bt_off_diag": off, "bt_mean_diag": diag.mean()}
+
+
+# ================================================================================================
+# Kernel ridge regression (KRR-ST, Lee et al. 2024)
+# ================================================================================================
+# λ convention: KRR-ST sets λ = reg_ratio · tr(K_ss) with reg_ratio = 1e-6 (KIP / FRePo use
+# tr(K)/n; not used here). Features get an appended column of ones (an unpenalised-in-effect
+# bias), so K = f fᵀ + 1. scikit-learn's KernelRidge(alpha=λ, kernel='linear') on the same
+# bias-augmented features solves the same problem (tests/test_distill.py checks it).
+
+def _with_bias(f):
+  f = f.astype(jnp.float32)
+  return jnp.concatenate([f, jnp.ones((f.shape[0], 1), f.dtype)], axis=1)
+
+
+def krr_reg(k_ss, reg_ratio: float = 1e-6):
+  """λ = reg_ratio · tr(K_ss) (KRR-ST's convention)."""
+  return reg_ratio * jnp.trace(k_ss)
+
+
+def krr_predict(f_t, f_s, y_s, reg_ratio: float = 1e-6):
+  """Dual (kernel) form, KRR-ST sec. 3: ŷ_t = K_ts (K_ss + λI)⁻¹ Y_s.
+
+  f_t: [B, F] features of the real (target) batch; f_s: [n, F] features of X_s; y_s: [n, D].
+  Returns [B, D]. The n x n solve is cubic in the synthetic-set size n (benchmarks/
+  krr_outer_step.py); Cholesky because K_ss + λI is symmetric positive definite."""
+  chex.assert_rank((f_t, f_s, y_s), 2)
+  ft, fs = _with_bias(f_t), _with_bias(f_s)
+  k_ss = fs @ fs.T  # [n, n]
+  k_ts = ft @ fs.T  # [B, n]
+  lam = krr_reg(k_ss, reg_ratio)
+  alpha = jax.scipy.linalg.cho_solve(
+      jax.scipy.linalg.cho_factor(k_ss + lam * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)),
+      y_s.astype(jnp.float32))  # [n, D]
+  return k_ts @ alpha
+
+
+def krr_predict_primal(f_t, f_s, y_s, reg_ratio: float = 1e-6):
+  """Primal form of the same regression: W = (F_sᵀF_s + λI)⁻¹ F_sᵀ Y_s, ŷ_t = F_t W, with the
+  same λ = reg_ratio · tr(F_s F_sᵀ) (= tr(F_sᵀ F_s)). Equal to krr_predict by the push-through
+  identity (FᵀF + λI)⁻¹Fᵀ = Fᵀ(FFᵀ + λI)⁻¹; cubic in the feature width F instead of n."""
+  ft, fs = _with_bias(f_t), _with_bias(f_s)
+  gram = fs.T @ fs  # [F+1, F+1]
+  lam = reg_ratio * jnp.trace(gram)
+  w = jnp.linalg.solve(gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype),
+                       fs.T @ y_s.astype(jnp.float32))
+  return ft @ w
+
+
+def krr_loss(f_t, f_s, y_s, y_t, reg_ratio: float = 1e-6):
+  """KRR-ST outer objective (sec. 3): MSE(K_ts (K_ss + λI)⁻¹ Y_s, g(x_t)), y_t = g(x_t) [B, D].
+  Mean over examples and target dimensions."""
+  pred = krr_predict(f_t, f_s, y_s, reg_ratio)
+  loss = jnp.mean((pred - y_t.astype(jnp.float32)) ** 2)
+  return loss, {"krr_mse": loss}

@@ -157,6 +157,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
   elif config.init.export_dir:
     params = method.load_pretrained(jax.device_get(state.params))
     state = state.replace(params=jax.device_put(params, state_sh.params))
+  if restored is None:  # Host-loaded method state (a distillation teacher), fresh start only.
+    state = state.replace(extra=jax.device_put(method.load_extra(state.extra), state_sh.extra))
   first_step = int(state.step)
 
   # ----------------------------------------------------------------------------------- Evals.

@@ -33,7 +33,7 @@ def chance_levels(dataset_info, retrieval_n):
   return chance, recall
 
 
-def plot(out, runs):
+def plot(out, runs, chance):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -46,7 +46,8 @@ def plot(out, runs):
     for ax, attr in zip(axes, ATTRIBUTES):
       ax.plot([r["step"] for r in ev], [r[f"zero_shot/{attr}_accuracy"] for r in ev],
               marker="o", label=loss)
-      ax.set_title(f"zero-shot {attr}")
+      ax.axhline(chance[attr], color="gray", linestyle="--", linewidth=1)
+      ax.set_title(f"zero-shot {attr} (dashed: chance)")
       ax.set_xlabel("step")
       ax.set_ylim(0, 1)
     axes[-1].plot([r["step"] for r in tr], [r["train/loss"] for r in tr], label=loss)
@@ -89,7 +90,7 @@ def main():
   info = data.dataset_info("shapes_captions")
   n = c.contrastive.retrieval_limit
   chance, recall = chance_levels(info, n)
-  plot(out, list(summary))
+  plot(out, list(summary), chance)
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump({"runs": summary, "chance": chance, "chance_recall": recall}, f, indent=2)
 

@@ -7,6 +7,11 @@ import importlib
 METHODS = {
     "supervised": "jax_transfer.methods.supervised:Supervised",
     "contrastive": "jax_transfer.methods.contrastive:Contrastive",
+    "ssl": "jax_transfer.methods.ssl:BarlowTwins",
+    "distill": "jax_transfer.methods.distill:Distill",
+    "distilled_pretrain": "jax_transfer.methods.distilled_pretrain:DistilledPretrain",
+    "learngene": "jax_transfer.methods.learngene:Learngene",
+    "icl": "jax_transfer.methods.icl:ICL",
 }
 
 

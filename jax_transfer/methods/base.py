@@ -6,7 +6,10 @@ A method is a class built from the config. The loop calls, in order:
   init_extra(rng, params)          -> method state outside the optimiser (default None);
                                       boxed leaves are sharded by the same rules
   load_pretrained(params, config)  -> params after transfer initialisation (default: the
-                                      `config.init` export, regex-selected)
+                                      `config.init` export, regex-selected; a learngene
+                                      export is first expanded to this model's depth)
+  load_extra(extra)                -> extra with host-loaded values (e.g. a teacher export),
+                                      on a fresh start only; placed on init_extra's shardings
   loss_fn(params, extra, batch, rng) -> (loss, (metrics, new_extra)), for the loop's step
   after_update(params)             -> params (e.g. clamp a temperature), inside the step
   evaluators()                     -> list of Evaluator, each with `name`, `every_steps` and
@@ -50,9 +53,16 @@ class Method:
     init = self.config.init
     if not init.export_dir:
       return params
+    pretrained = checkpoint.load_export_params(init.export_dir)
+    from jax_transfer.models import learngene  # TLEG: a learngene initialises any depth.
+    if learngene.is_learngene(pretrained):
+      pretrained = learngene.expand_like(pretrained, params)
     return checkpoint.merge_pretrained(
-        params, checkpoint.load_export_params(init.export_dir), init.load_regex,
+        params, pretrained, init.load_regex,
         init.skip_regex, source=f"export {init.export_dir}")
+
+  def load_extra(self, extra):
+    return extra
 
   def loss_fn(self, params, extra, batch, rng):
     raise NotImplementedError
