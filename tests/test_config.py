@@ -26,7 +26,7 @@ def _set(c, key, value):
 
 
 BAD = [
-    ("method", "nosuch", r"method='nosuch' is unknown; allowed: \['supervised'"),
+    ("method", "nosuch", r"method='nosuch' is unknown; allowed: \[.*'supervised'"),
     ("optimzer", 1, r"unknown config key 'optimzer'.*did you mean 'optimizer'"),
     ("input.batch", 1, r"unknown config key 'input.batch'"),
     ("total_steps", "ten", r"'total_steps' must be int, got str"),
