@@ -21,13 +21,18 @@ TARGETS = {
         ("", 16), ("ep90", 16), ("fsdp", 16), ("fsdp,ep90", 16),
         ("gpu8", 8), ("gpu8,ep90", 8), ("gpu8,fsdp", 8)],
     "supervised/cifar10_vit_b16.py": [("", 8), ("", 16)],
+    "contrastive/coco_clip_b16.py": [  # TPU v4-64 = 32 devices; one 8x H100 host.
+        ("", 32), ("siglip", 32), ("gpu8", 8), ("siglip,gpu8", 8)],
 }
 # Device counts a config without an entry above may target (CPU, one host, pod slices).
 ANY_TARGET = (1, 8, 16, 32, 64, 128, 256)
 EMBEDDED = ("digits", "shapes_captions")
 # TFDS catalogue metadata (tensorflow_datasets docs) of datasets the pod configs use:
 # name -> (classes of 'label', image shape; None = varies per image).
-CATALOGUE = {"imagenet2012": (1000, (None, None, 3)), "cifar10": (10, (32, 32, 3))}
+CATALOGUE = {"imagenet2012": (1000, (None, None, 3)), "cifar10": (10, (32, 32, 3)),
+             "mnist": (10, (28, 28, 1)), "fashion_mnist": (10, (28, 28, 1)),
+             "cifar100": (100, (32, 32, 3)),
+             "coco_captions": (None, (None, None, 3))}  # Image-text: no class label.
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +44,10 @@ def catalogue_metadata(monkeypatch, data_dir):
     if name not in CATALOGUE:
       return real(name, data_dir, label_key)
     n, shape = CATALOGUE[name]
-    names = [str(i) for i in range(n)]
+    names = [str(i) for i in range(n)] if n else None
     return {"num_classes": n, "class_names": names, "image_shape": shape,
             "num_examples": {}, "label_key": label_key or "label",
-            "attributes": {"label": names}}
+            "attributes": {"label": names} if n else {}}
   monkeypatch.setattr(data, "dataset_info", dataset_info)
 
 
