@@ -186,7 +186,7 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
   return np.stack(channels, axis=-1)
 
 
-class _Preprocess:
+class Preprocess:
   """Record index -> model-input dict (see module docstring)."""
 
   def __init__(self, source, input_cfg):
@@ -311,14 +311,14 @@ def make_train_iterator(input_cfg: ml_collections.ConfigDict, *, seed: int,
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
   ds = grain.MapDataset.source(indices).shuffle(seed=shuffle_seed).repeat(None)
   ds = _ProcessSlice(ds, process_index, process_count, b)
-  ds = ds.map(_Preprocess(source, input_cfg))
+  ds = ds.map(Preprocess(source, input_cfg))
   return iter(_finish(ds, input_cfg, b))
 
 
 class _EvalElement:
   """Padded position -> example with `mask`; padding repeats record 0."""
 
-  def __init__(self, preprocess: _Preprocess, indices: np.ndarray):
+  def __init__(self, preprocess: Preprocess, indices: np.ndarray):
     self.preprocess, self.indices = preprocess, indices
 
   def __call__(self, position) -> dict:
@@ -348,7 +348,7 @@ def make_eval_iterator(input_cfg: ml_collections.ConfigDict, split: str, *,
   num_batches = -(-len(indices) // batch_size)  # ceil
   ds = grain.MapDataset.range(num_batches * batch_size)
   ds = _ProcessSlice(ds, process_index, process_count, b)
-  ds = ds.map(_EvalElement(_Preprocess(source, input_cfg), indices))
+  ds = ds.map(_EvalElement(Preprocess(source, input_cfg), indices))
   return _finish(ds, input_cfg, b)
 
 

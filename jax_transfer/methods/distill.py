@@ -49,7 +49,7 @@ def read_images(input_cfg, split: str, indices) -> np.ndarray:
   """float32 [len(indices), H, W, C] in [-1, 1]: records `indices` of `split`, preprocessed
   exactly as the training pipeline does (its record -> example function)."""
   source = pipeline.get_source(input_cfg.dataset, split, input_cfg.data_dir)
-  prep = pipeline._Preprocess(source, input_cfg)  # pylint: disable=protected-access
+  prep = pipeline.Preprocess(source, input_cfg)  # The loader's own preprocessing.
   return np.stack([prep(i)["image"] for i in indices]).astype(np.float32)
 
 
