@@ -17,12 +17,12 @@ Writes/replaces only the section "## KRR-ST outer step" of --results (others are
 """
 from __future__ import annotations
 
+import report  # benchmarks/report.py: machine line + RESULTS.md sections
 import argparse
 import datetime
 import os
 import pathlib
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -102,14 +102,6 @@ def measure(n, g_export, steps):
               args=mib(mem.argument_size_in_bytes), loss=float(metrics["train/loss"]))
 
 
-def write_section(path, body):
-  text = pathlib.Path(path).read_text() if os.path.exists(path) else "# Benchmarks\n"
-  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## (?!KRR-ST outer step\b)|\Z)",
-                       re.S | re.M)
-  new = f"{SECTION}\n\n{body.strip()}\n\n"
-  text = pattern.sub(lambda _: new, text) if pattern.search(text) else (
-      text.rstrip() + "\n\n" + new)
-  pathlib.Path(path).write_text(text.rstrip() + "\n")
 
 
 def main():
@@ -146,7 +138,7 @@ def main():
             f" jax {jax.__version__}, backend {jax.default_backend()}. Load average at start "
             f"(other jobs share the machine): {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. "
             f"Date: {datetime.date.today()}."]
-  write_section(args.results, "\n".join(lines))
+  report.write_section(args.results, SECTION, f"{SECTION}\n\n" + "\n".join(lines).strip() + "\n")
   print("\n".join(lines))
 
 

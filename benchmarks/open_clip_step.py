@@ -28,6 +28,7 @@ XLA's compiled.memory_analysis(). Writes/replaces only the section
 """
 from __future__ import annotations
 
+import report  # benchmarks/report.py: machine line + RESULTS.md sections
 import argparse
 import datetime
 import importlib.util
@@ -208,13 +209,6 @@ def measure_torch(batch: int, steps: int, warmup: int) -> dict:
 
 # ------------------------------------------------------------------------------- Reporting.
 
-def _cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"^Model name:\s*(.+)$", out, re.M)
-    return m.group(1).strip() if m else "unknown"
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def _mib(x):
@@ -261,7 +255,7 @@ def render(rows: dict, command: str, load: tuple, batch: int, notes: list[str]) 
       "",
       f"Command: `{command}`",
       "",
-      f"Machine: {os.cpu_count()} CPU cores ({_cpu_model()}), no accelerator; {j['version']}, "
+      f"Machine: {os.cpu_count()} CPU cores ({report.cpu_model()}), no accelerator; {j['version']}, "
       f"{t['version']}, open_clip_torch 3.3.0. Load average at start (1/5/15 min, other jobs "
       f"share the machine): {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. "
       f"Date: {datetime.date.today().isoformat()}.",
@@ -272,17 +266,6 @@ def render(rows: dict, command: str, load: tuple, batch: int, notes: list[str]) 
   return "\n".join(lines)
 
 
-def write_section(path: pathlib.Path, section: str) -> None:
-  """Replaces this script's section of RESULTS.md (up to the next '## '), keeping the rest."""
-  text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-  start = text.find(SECTION + "\n")
-  if start < 0:
-    text = text.rstrip("\n") + "\n\n" + section
-  else:
-    nxt = text.find("\n## ", start + len(SECTION))
-    rest = "" if nxt < 0 else "\n" + text[nxt + 1:]
-    text = text[:start] + section.rstrip("\n") + "\n" + rest
-  path.write_text(text.rstrip("\n") + "\n")
 
 
 def main():
@@ -326,7 +309,7 @@ def main():
   section = render(rows, command, load, a.batch, notes)
   print(section)
   if a.results:
-    write_section(pathlib.Path(a.results), section)
+    report.write_section(a.results, SECTION, section)
 
 
 if __name__ == "__main__":

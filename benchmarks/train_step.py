@@ -22,14 +22,13 @@ Writes/replaces the section "## Train step (CPU)" of --results (other sections a
 """
 from __future__ import annotations
 
+import report  # benchmarks/report.py: machine line + RESULTS.md sections
 import argparse
 import datetime
 import importlib.util
 import json
 import os
 import pathlib
-import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -112,15 +111,6 @@ def measure(batch: int, dtype: str, remat: bool, steps: int, warmup: int) -> dic
 
 # ------------------------------------------------------------------------------- Reporting.
 
-def _cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"^Model name:\s*(.+)$", out, re.M)
-    if m:
-      return m.group(1).strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return platform.processor() or "unknown"
 
 
 def _mib(x):
@@ -156,7 +146,7 @@ def render(rows: list[dict], command: str, load: tuple) -> str:
       "",
       f"Command: `{command}`",
       "",
-      f"Machine: {os.cpu_count()} CPU cores ({_cpu_model()}), no accelerator; "
+      f"Machine: {os.cpu_count()} CPU cores ({report.cpu_model()}), no accelerator; "
       f"jax {jax.__version__}, backend {jax.default_backend()}. "
       f"Load average at start (1/5/15 min, other jobs share the machine): "
       f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. Date: {datetime.date.today().isoformat()}.",
@@ -165,17 +155,6 @@ def render(rows: list[dict], command: str, load: tuple) -> str:
   return "\n".join(lines)
 
 
-def write_section(path: pathlib.Path, section: str) -> None:
-  """Replaces this script's section of RESULTS.md (up to the next '## '), keeping the rest."""
-  text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-  start = text.find(SECTION + "\n")
-  if start < 0:
-    text = text.rstrip("\n") + "\n\n" + section
-  else:
-    nxt = text.find("\n## ", start + len(SECTION))
-    rest = "" if nxt < 0 else "\n" + text[nxt + 1:]
-    text = text[:start] + section.rstrip("\n") + "\n" + rest
-  path.write_text(text.rstrip("\n") + "\n")
 
 
 def main():
@@ -214,7 +193,7 @@ def main():
   section = render(rows, command, load)
   print(section)
   if a.results:
-    write_section(pathlib.Path(a.results), section)
+    report.write_section(a.results, SECTION, section)
 
 
 if __name__ == "__main__":

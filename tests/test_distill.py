@@ -2,7 +2,6 @@
 gradients reach X_s and Y_s, the outer loss vanishes when the real batch is the synthetic set,
 Barlow Twins behaves as its definition says, and a distill run (model pool in the state)
 resumes to the same result as an uninterrupted one."""
-import os
 
 import jax
 import jax.numpy as jnp

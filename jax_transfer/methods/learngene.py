@@ -15,7 +15,6 @@ config.learngene: teacher_dir (export dir), alpha (0..1), temperature (> 0).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jax_transfer import checkpoint, config as config_lib, losses

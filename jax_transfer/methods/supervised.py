@@ -2,7 +2,6 @@
 probe (config.optimizer.trainable_regex='^head/') from an export (config.init)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 

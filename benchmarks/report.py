@@ -1,0 +1,36 @@
+"""Shared by the benchmark scripts: the machine line and section-wise updates of
+benchmarks/RESULTS.md (each script owns one '## ' section and replaces only that)."""
+from __future__ import annotations
+
+import pathlib
+import platform
+import re
+import subprocess
+
+
+def cpu_model() -> str:
+  """lscpu's 'Model name' (e.g. 'AMD EPYC'), or the platform's best guess."""
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+    if m:
+      return m.group(1).strip()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return platform.processor() or "unknown"
+
+
+def write_section(path, title: str, section: str) -> None:
+  """Replaces the section starting with the line `title` (up to the next '## ' heading) by
+  `section` (which starts with that title), keeping every other section; appends it when
+  absent. Creates the file when missing."""
+  path = pathlib.Path(path)
+  text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+  start = text.find(title + "\n")
+  if start < 0:
+    text = text.rstrip("\n") + "\n\n" + section
+  else:
+    nxt = text.find("\n## ", start + len(title))
+    rest = "" if nxt < 0 else "\n" + text[nxt + 1:]
+    text = text[:start] + section.rstrip("\n") + "\n" + rest
+  path.write_text(text.rstrip("\n") + "\n")
