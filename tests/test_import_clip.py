@@ -58,6 +58,14 @@ ARCHS = {
                                        dict(context_length=20, vocab_size=300, width=128,
                                             heads=2, layers=2, mlp_ratio=2.0),
                                        {}, dict(init_logit_bias=-3.0)),
+    # OpenAI's weights (and open_clip '-quickgelu' models) use QuickGELU.
+    "quickgelu_nano8_px32": ("CLIP", 24,
+                             dict(layers=2, width=32, head_width=16, mlp_ratio=2.0,
+                                  patch_size=8, image_size=32),
+                             dict(context_length=12, vocab_size=50, width=48, heads=3,
+                                  layers=1),
+                             dict(vision_heads=2, text_heads=3, activation="quick_gelu"),
+                             dict(quick_gelu=True)),
     "custom_text_nano4_px16": ("CustomTextCLIP", 16,
                                dict(layers=2, width=32, head_width=16, mlp_ratio=2.0,
                                     patch_size=4, image_size=16),
@@ -162,6 +170,26 @@ def test_cli_torch_file_to_load_pretrained(tmp_path):
   np.testing.assert_allclose(ztxt, ref_txt, atol=ATOL, rtol=0)
 
 
+def test_openai_layout_quick_gelu_matches_open_clip():
+  """A QuickGELU model saved with OpenAI's scalar entries (input_resolution, context_length,
+  vocab_size) converts with activation='quick_gelu' and matches open_clip; converting the same
+  weights as erf GELU does not (so the option is what makes it match)."""
+  name = "quickgelu_nano8_px32"
+  ref_model = _open_clip_model(name)
+  sd = dict(_state_dict(ref_model), input_resolution=np.array(32),
+            context_length=np.array(12), vocab_size=np.array(50))
+  kwargs, params = convert_state_dict(sd, **ARCHS[name][4])
+  assert kwargs["quick_gelu"] is True
+  images, tokens = _inputs(name)
+  ref_img, ref_txt = _reference(ref_model, images, tokens)
+  zimg, ztxt = _ours(models.get_model("two_towers", **kwargs), params, images, tokens)
+  np.testing.assert_allclose(zimg, ref_img, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(ztxt, ref_txt, atol=ATOL, rtol=0)
+  gelu = dict(kwargs, quick_gelu=False)
+  zimg, _ = _ours(models.get_model("two_towers", **gelu), params, images, tokens)
+  assert np.abs(zimg - ref_img).max() > 4 * ATOL
+
+
 def test_missing_unexpected_and_wrong_shapes_are_listed():
   sd = _state_dict(_open_clip_model("nano8_px32"))
   for k in ("visual.transformer.resblocks.1.attn.in_proj_bias", "ln_final.bias",
@@ -179,15 +207,14 @@ def test_missing_unexpected_and_wrong_shapes_are_listed():
   assert "wrong shapes ['transformer.resblocks.0.mlp.c_proj.bias: (7,), expected (48,)']" in msg
 
 
-def test_other_architectures_and_quick_gelu_are_refused(capsys, tmp_path):
+def test_other_architectures_are_refused(capsys, tmp_path):
   rn = oc.model.CLIP(32, dict(layers=(1, 1, 1, 1), width=16, head_width=16, image_size=64),
                      dict(context_length=8, vocab_size=40, width=32, heads=2, layers=1))
   with pytest.raises(CheckpointError, match=r"ResNet image tower .*visual\.attnpool"):
     convert_state_dict(_state_dict(rn))
   sd = _state_dict(_open_clip_model("nano8_px32"))
-  with pytest.raises(CheckpointError, match="QuickGELU"):
-    convert_state_dict(sd, activation="quick_gelu", **ARCHS["nano8_px32"][4])
-  with pytest.raises(CheckpointError, match="QuickGELU.*OpenAI"):  # OpenAI's own extra keys
+  # OpenAI's own extra keys mark QuickGELU weights: converting them as GELU is refused.
+  with pytest.raises(CheckpointError, match="OpenAI.*--activation quick_gelu"):
     convert_state_dict(dict(sd, input_resolution=np.array(32)), **ARCHS["nano8_px32"][4])
   # Heads are not in the weights: width 32 cannot be OpenAI's 64-wide heads.
   with pytest.raises(CheckpointError, match="--vision_heads"):

@@ -42,6 +42,7 @@ class TextTransformer(nn.Module):
   remat_policy: str = 'nothing_saveable'
   ln_eps: float = 1e-6
   gelu_approximate: bool = True
+  quick_gelu: bool = False
   dropout: float = 0.0
 
   @nn.compact
@@ -64,7 +65,8 @@ class TextTransformer(nn.Module):
     block = block_class(self.remat, self.remat_policy)
     for i in range(self.depth):
       x = block(self.mlp_dim, self.num_heads, self.dropout, ln_eps=self.ln_eps,
-                gelu_approximate=self.gelu_approximate, causal=True,
+                gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
+                causal=True,
                 name=f'encoderblock_{i}', **kw)(x, train)
     x = ln('ln_final', epsilon=self.ln_eps, **kw)(x)
     eot = jnp.argmax(tokens, axis=-1)  # [B]: EOT is the largest id (first one on ties)

@@ -52,8 +52,8 @@ gelu_approximate=False, image_pool='cls'). Torch Linear weights are [out, in]; o
 Inputs: open_clip takes NCHW images (normalised by its preprocess); ours are NHWC, so feed
 images.transpose(0, 2, 3, 1). Patches are flattened row-major in both. Attention scale is
 1/sqrt(K) in both; the text mask is causal in both; both pool the text at argmax(tokens).
-Not representable here (conversion must refuse them): QuickGELU (OpenAI weights and
-'-quickgelu' configs), LayerScale (ls_1/ls_2), open_clip pool_type 'avg' (it keeps a class
+QuickGELU (OpenAI weights and '-quickgelu' configs) is quick_gelu=True. Not representable
+here (conversion must refuse them): LayerScale (ls_1/ls_2), open_clip pool_type 'avg' (it keeps a class
 token; our 'gap' has none), attentional pooling, timm image towers, text pool 'last'/'first'
 or without the causal mask (open_clip's SigLIP text towers), and HF text towers.
 """
@@ -104,13 +104,14 @@ class TwoTowers(nn.Module):
   # open_clip parity (see the module docstring), passed to both towers.
   ln_eps: float = 1e-6
   gelu_approximate: bool = True
+  quick_gelu: bool = False  # OpenAI's weights and open_clip '-quickgelu' models
   pre_norm: bool = False
   patch_bias: bool = True
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
               remat_policy=self.remat_policy, ln_eps=self.ln_eps,
-              gelu_approximate=self.gelu_approximate)
+              gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu)
     self.img = make_vit(self.image_variant, num_classes=0, pool=self.image_pool,
                         pre_norm=self.pre_norm, patch_bias=self.patch_bias, **kw)
     self.txt = TextTransformer(

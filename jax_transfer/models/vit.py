@@ -153,6 +153,7 @@ class MLP(nn.Module):
   dtype: Dtype
   param_dtype: Dtype
   gelu_approximate: bool = True  # tanh GELU (big_vision); False = exact erf GELU (torch)
+  quick_gelu: bool = False  # x * sigmoid(1.702 x): OpenAI's CLIP weights (overrides the above)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -160,8 +161,9 @@ class MLP(nn.Module):
       return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
                       kernel_init=P(nn.initializers.xavier_uniform(), names),
                       bias_init=P(nn.initializers.normal(1e-6), names[1:]))
-    h = nn.gelu(dense(self.mlp_dim, ('embed', 'mlp'), 'fc1')(x),
-                approximate=self.gelu_approximate)
+    h = dense(self.mlp_dim, ('embed', 'mlp'), 'fc1')(x)
+    h = (h * jax.nn.sigmoid(1.702 * h) if self.quick_gelu
+         else nn.gelu(h, approximate=self.gelu_approximate))
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return dense(x.shape[-1], ('mlp', 'embed'), 'fc2')(h)
@@ -176,6 +178,7 @@ class Block(nn.Module):
   param_dtype: Dtype
   ln_eps: float = 1e-6
   gelu_approximate: bool = True
+  quick_gelu: bool = False
   causal: bool = False
 
   @nn.compact
@@ -185,8 +188,8 @@ class Block(nn.Module):
     x = nn.with_logical_constraint(x, ACT)
     attn = Attention(self.num_heads, causal=self.causal, name='attn', **kw)
     x = x + drop(attn(ln('ln_1', epsilon=self.ln_eps, **kw)(x)))
-    mlp = MLP(self.mlp_dim, self.dropout, gelu_approximate=self.gelu_approximate, name='mlp',
-              **kw)
+    mlp = MLP(self.mlp_dim, self.dropout, gelu_approximate=self.gelu_approximate,
+              quick_gelu=self.quick_gelu, name='mlp', **kw)
     y = mlp(ln('ln_2', epsilon=self.ln_eps, **kw)(x), train)
     return nn.with_logical_constraint(x + drop(y), ACT)
 
@@ -227,6 +230,7 @@ class ViT(nn.Module):
   pre_norm: bool = False  # LayerNorm 'ln_pre' after the position embeddings
   ln_eps: float = 1e-6
   gelu_approximate: bool = True
+  quick_gelu: bool = False  # OpenAI CLIP's activation
   patch_bias: bool = True
 
   @nn.compact
@@ -263,7 +267,8 @@ class ViT(nn.Module):
     block = block_class(self.remat, self.remat_policy)
     for i in range(self.depth):
       x = block(self.mlp_dim, self.num_heads, self.dropout, ln_eps=self.ln_eps,
-                gelu_approximate=self.gelu_approximate, name=f'encoderblock_{i}', **kw)(
+                gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
+                name=f'encoderblock_{i}', **kw)(
           x, train)
     x = ln('encoder_norm', epsilon=self.ln_eps, **kw)(x)
     aux = {'tokens': x}

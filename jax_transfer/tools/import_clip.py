@@ -19,10 +19,11 @@ What the weights say, and what they do not:
   not in the weights:
     heads         width // 64 (OpenAI's build_model, open_clip's head_width=64); other head
                   widths need --vision_heads / --text_heads.
-    activation    --activation is required on the command line. OpenAI's weights and
-                  open_clip's '-quickgelu' models use QuickGELU (x * sigmoid(1.702 x)), which
-                  our models do not implement, so the import refuses them rather than produce
-                  a model that silently computes something else.
+    activation    --activation is required on the command line: 'gelu' (open_clip's default
+                  models) or 'quick_gelu' (x * sigmoid(1.702 x): OpenAI's weights and
+                  open_clip's '-quickgelu' models; built with quick_gelu=True). A state dict
+                  carrying OpenAI's scalar entries (input_resolution, context_length,
+                  vocab_size) must be 'quick_gelu'; those entries are checked, then dropped.
     image pool    open_clip's default 'tok' (class token) is assumed; 'avg' is not
                   representable. open_clip's final_ln_after_pool does not matter: LayerNorm
                   is per token, so normalise-then-pool equals pool-then-normalise.
@@ -46,7 +47,8 @@ import numpy as np
 ACTIVATIONS = ("gelu", "quick_gelu")
 # Non-persistent buffers that some versions put into state dicts: not parameters.
 IGNORED_KEYS = frozenset({"attn_mask", "visual.attn_mask"})
-# Only OpenAI's own (TorchScript-derived) state dicts carry these; OpenAI's CLIP is QuickGELU.
+# Only OpenAI's own (TorchScript-derived) state dicts carry these scalars; OpenAI's CLIP is
+# QuickGELU. They are dropped before the mapping (the shapes say the same).
 OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
 # (key pattern, what it is): architectures and features our TwoTowers cannot represent.
 UNSUPPORTED = (
@@ -107,13 +109,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 def _refuse_unsupported(sd, activation):
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation={activation!r}; allowed: {ACTIVATIONS}")
-  if activation == "quick_gelu" or any(k in sd for k in OPENAI_KEYS):
-    why = ("activation='quick_gelu'" if activation == "quick_gelu" else
-           f"keys {[k for k in OPENAI_KEYS if k in sd]} mark OpenAI's original weights")
+  openai = [k for k in OPENAI_KEYS if k in sd]
+  if openai and activation != "quick_gelu":
     raise CheckpointError(
-        f"{why}: the checkpoint uses QuickGELU (OpenAI CLIP weights, open_clip "
-        f"'-quickgelu' models), which jax_transfer's models do not implement (tanh or erf "
-        f"GELU only); converting it would silently change the function")
+        f"keys {openai} mark OpenAI's original weights, which use QuickGELU: pass "
+        f"--activation quick_gelu (converting them with {activation!r} would silently change "
+        f"the function)")
   found = {}
   for pattern, what in UNSUPPORTED:
     keys = sorted(k for k in sd if re.search(pattern, k))
@@ -131,7 +132,7 @@ def _normalise_layout(sd):
   nn.Linear; both become CLIP's layout. Non-persistent buffers are dropped."""
   out = {}
   for k, v in sd.items():
-    if k in IGNORED_KEYS:
+    if k in IGNORED_KEYS or k in OPENAI_KEYS:
       continue
     if k.startswith("text."):
       k = k[len("text."):]
@@ -261,7 +262,7 @@ def _mapping(arch) -> dict[str, tuple[tuple, str, Callable]]:
   return m
 
 
-def _model_kwargs(arch) -> dict:
+def _model_kwargs(arch, activation: str) -> dict:
   """Config-ready TwoTowers fields (dtype as a name, as config.model holds it)."""
   return dict(
       image_variant=f"{arch['variant']}/{arch['patch']}", image_pool="cls",
@@ -270,7 +271,8 @@ def _model_kwargs(arch) -> dict:
       vocab_size=arch["vocab"], context_length=arch["context_length"],
       embed_dim=arch["embed_dim"], dtype="float32", remat=False,
       # open_clip parity (models/two_towers.py).
-      pre_norm=arch["pre_norm"], patch_bias=False, ln_eps=1e-5, gelu_approximate=False)
+      pre_norm=arch["pre_norm"], patch_bias=False, ln_eps=1e-5, gelu_approximate=False,
+      quick_gelu=activation == "quick_gelu")
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], *, vision_heads: int | None = None,
@@ -281,7 +283,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], *, vision_heads: int |
   `models.get_model('two_towers', **config.model_kwargs(ConfigDict(model_kwargs)))`).
   params: nested dict of float32 arrays, the tree `model.init(...)['params']` has.
   activation: what the checkpoint was trained with, 'gelu' (open_clip's default models) or
-  'quick_gelu' (OpenAI's weights; refused). Raises CheckpointError naming every problem.
+  'quick_gelu' (OpenAI's weights). Raises CheckpointError naming every problem.
   """
   import flax.linen as nn
   import jax
@@ -317,7 +319,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], *, vision_heads: int |
   params = traverse_util.unflatten_dict(flat, sep="/")
 
   # Self-check against the model's own tree: a mapping bug fails here, not at load time.
-  kwargs = _model_kwargs(arch)
+  kwargs = _model_kwargs(arch, activation)
   model = models.get_model("two_towers", **config_lib.model_kwargs(
       ml_collections.ConfigDict(kwargs)))
   images = jax.ShapeDtypeStruct((1, arch["image_size"], arch["image_size"], arch["channels"]),
@@ -367,7 +369,7 @@ def main(argv=None) -> int:
   parser.add_argument("--activation", required=True, choices=ACTIVATIONS,
                       help="MLP activation the checkpoint was trained with: 'gelu' for "
                            "open_clip's default models; OpenAI weights and '-quickgelu' "
-                           "models are 'quick_gelu' (not representable: refused)")
+                           "models are 'quick_gelu'")
   parser.add_argument("--vision_heads", type=int, default=None,
                       help="image heads (default: width // 64)")
   parser.add_argument("--text_heads", type=int, default=None,
