@@ -75,7 +75,9 @@ class ICL(Method):
       raise err(f"icl.fixed_task_fraction={c.fixed_task_fraction} must be in [0, 1)")
     if config.model_name == "seq_transformer" and config.model.get("max_len", 128) < c.seq_len:
       raise err(f"model.max_len={config.model.max_len} < icl.seq_len={c.seq_len}")
-    n = data.pipeline.num_classes(config.input)
+    c_in = config.input
+    n = (len(c_in.classes) if c_in.classes else
+         data.dataset_info(c_in.dataset, c_in.data_dir, label_key=c_in.label_key)["num_classes"])
     if config.model.num_classes != n:
       raise err(f"model.num_classes={config.model.num_classes} but {config.input.dataset} has "
                 f"{n} classes")
