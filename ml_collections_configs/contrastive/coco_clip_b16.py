@@ -35,7 +35,8 @@ Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was availab
 Measured, runlocal only (2 CPU cores, jax 0.10.2 on CPU):
   python -m jax_transfer.main --config=ml_collections_configs/contrastive/coco_clip_b16.py:runlocal \
     --workdir=/tmp/coco_runlocal
-  runs 20 steps end to end (see experiments/RESULTS.md for the wall time measured).
+  20 steps (2 accumulated microbatches each, remat on) in 22.6 s wall, loaded machine;
+  zero-shot colour 0.45 (chance 0.125) after those 20 steps -- a smoke run.
 """
 import math
 
