@@ -68,6 +68,18 @@ def base_config() -> ml_collections.ConfigDict:
 DTYPES = ("float32", "bfloat16")
 
 
+def with_overrides(config, **overrides):
+  """Sets dotted keys, as --config.a.b=v does: with_overrides(c, **{"input.classes": (5,)}).
+  Returns the same (mutated) config, for experiment scripts that sweep fields."""
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[last] = value
+  return config
+
+
 def model_kwargs(model_cfg) -> dict:
   """config.model -> keyword arguments of the model constructor (dtype names -> dtypes)."""
   import jax.numpy as jnp

@@ -35,14 +35,8 @@ CFG = "ml_collections_configs/distill/digits_krr_st.py"
 
 def config(arg, **overrides):
   from ml_collections_configs.distill import digits_krr_st
-  c = digits_krr_st.get_config(arg)
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return c
+  from jax_transfer.config import with_overrides
+  return with_overrides(digits_krr_st.get_config(arg), **overrides)
 
 
 def save_set(out_dir, images, targets, cfg):

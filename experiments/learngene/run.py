@@ -24,15 +24,7 @@ import time
 
 import numpy as np
 
-
-def _set(c, **overrides):
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return c
+from jax_transfer.config import with_overrides as _set
 
 
 def curves(workdir):

@@ -27,14 +27,8 @@ import numpy as np
 
 
 def run_arm(train, base_cfg, workdir, **overrides):
-  c = base_cfg
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  _, final = train.train_and_evaluate(c, workdir)
+  from jax_transfer.config import with_overrides
+  _, final = train.train_and_evaluate(with_overrides(base_cfg, **overrides), workdir)
   return final["eval/accuracy"]
 
 

@@ -55,3 +55,20 @@ class LinearProbeEvaluator:
                                  self._l2)
         out[f"{key}_{shots}shot_accuracy"] = float(np.mean(pred == te[key]))
     return out
+
+
+def label_probe(config, mesh, image_fn, *, train_limit: int, shots=(), l2: float = 1e-2,
+                name: str = "probe") -> list:
+  """The ridge probe on the run's labelled eval data (the pipeline's 'label' column =
+  input.label_key), as a one-element evaluator list; [] when the dataset has no labels.
+  Shared by methods whose own loss is unsupervised (SSL, distilled-set pretraining)."""
+  from jax_transfer import data
+  c = config
+  info = data.dataset_info(c.input.dataset, c.input.data_dir, label_key=c.input.label_key)
+  if not info["num_classes"]:
+    return []
+  return [LinearProbeEvaluator(
+      image_fn=image_fn, input_cfg=c.input, train_split=c.input.train_split,
+      test_split=c.eval.split, batch_size=c.eval.batch_size, mesh=mesh,
+      label_keys={"label": info["num_classes"]}, every_steps=c.eval_every_steps,
+      shots=tuple(shots), l2=l2, train_limit=train_limit, name=name)]

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_transfer import checkpoint, config as config_lib, data
-from jax_transfer.evaluators.linear_probe import LinearProbeEvaluator
+from jax_transfer import checkpoint, config as config_lib
+from jax_transfer.evaluators.linear_probe import label_probe
 from jax_transfer.methods.base import Method
 from jax_transfer.methods.distill import build_learner
 
@@ -60,13 +60,5 @@ class DistilledPretrain(Method):
     return self.model.apply({"params": params}, images, train=False)[1]["pre_logits"]
 
   def evaluators(self):
-    c = self.config
-    info = data.dataset_info(c.input.dataset, c.input.data_dir, label_key=c.input.label_key)
-    if not info["num_classes"]:
-      return []
-    return [LinearProbeEvaluator(
-        image_fn=self.features, input_cfg=c.input, train_split=c.input.train_split,
-        test_split=c.eval.split, batch_size=c.eval.batch_size, mesh=self.mesh,
-        label_keys={"label": info["num_classes"]}, every_steps=c.eval_every_steps,
-        shots=tuple(c.distill.get("probe_shots", ()) or ()), l2=1e-2, train_limit=4000,
-        name="probe")]
+    return label_probe(self.config, self.mesh, self.features, train_limit=4000,
+                       shots=self.config.distill.get("probe_shots", ()) or ())

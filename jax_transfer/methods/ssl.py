@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_transfer import augment, config as config_lib, data, losses
-from jax_transfer.evaluators.linear_probe import LinearProbeEvaluator
+from jax_transfer.evaluators.linear_probe import label_probe
 from jax_transfer.methods.base import Method
 from jax_transfer.methods.supervised import build_model
 
@@ -105,12 +105,4 @@ class BarlowTwins(Method):
     return loss, (metrics, extra)
 
   def evaluators(self):
-    c = self.config
-    info = data.dataset_info(c.input.dataset, c.input.data_dir, label_key=c.input.label_key)
-    if not info["num_classes"]:
-      return []
-    return [LinearProbeEvaluator(
-        image_fn=self.features, input_cfg=c.input, train_split=c.input.train_split,
-        test_split=c.eval.split, batch_size=c.eval.batch_size, mesh=self.mesh,
-        label_keys={"label": info["num_classes"]},  # The pipeline's input.label_key column.
-        every_steps=c.eval_every_steps, l2=1e-2, train_limit=2000, name="probe")]
+    return label_probe(self.config, self.mesh, self.features, train_limit=2000)
