@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import report  # benchmarks/report.py: machine line + RESULTS.md sections
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -119,14 +118,10 @@ def render(rows: list[dict], command: str, load: tuple, jax_version: str) -> str
       "",
       f"Command: `{command}`",
       "",
-      f"Machine: {os.cpu_count()} CPU cores ({report.cpu_model()}), no accelerator; jax {jax_version}, "
-      f"backend cpu. Load average at start (1/5/15 min, other jobs share the machine): "
-      f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. Date: {datetime.date.today().isoformat()}.",
+      report.machine_line(f"jax {jax_version}, backend cpu", load),
       "",
   ]
   return "\n".join(lines)
-
-
 
 
 def main():

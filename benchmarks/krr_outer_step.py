@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import report  # benchmarks/report.py: machine line + RESULTS.md sections
 import argparse
-import datetime
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -102,8 +100,6 @@ def measure(n, g_export, steps):
               args=mib(mem.argument_size_in_bytes), loss=float(metrics["train/loss"]))
 
 
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--sizes", default="10,100,300,1000,2000")
@@ -134,10 +130,8 @@ def main():
                  f"{r['compile_s']:.2f} | {r['temp']:.1f} | {r['args']:.1f} |")
   lines += ["", f"Command: `python benchmarks/krr_outer_step.py --sizes {args.sizes} "
             f"--steps {args.steps}`", "",
-            f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}),"
-            f" jax {jax.__version__}, backend {jax.default_backend()}. Load average at start "
-            f"(other jobs share the machine): {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. "
-            f"Date: {datetime.date.today()}."]
+            report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}",
+                                load)]
   report.write_section(args.results, SECTION, f"{SECTION}\n\n" + "\n".join(lines).strip() + "\n")
   print("\n".join(lines))
 

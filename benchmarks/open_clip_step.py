@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import report  # benchmarks/report.py: machine line + RESULTS.md sections
 import argparse
-import datetime
 import importlib.util
 import json
 import math
@@ -255,17 +254,12 @@ def render(rows: dict, command: str, load: tuple, batch: int, notes: list[str]) 
       "",
       f"Command: `{command}`",
       "",
-      f"Machine: {os.cpu_count()} CPU cores ({report.cpu_model()}), no accelerator; {j['version']}, "
-      f"{t['version']}, open_clip_torch 3.3.0. Load average at start (1/5/15 min, other jobs "
-      f"share the machine): {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. "
-      f"Date: {datetime.date.today().isoformat()}.",
+      report.machine_line(f"{j['version']}, {t['version']}, open_clip_torch 3.3.0", load),
       "",
   ]
   if notes:
     lines += notes + [""]
   return "\n".join(lines)
-
-
 
 
 def main():

@@ -2,6 +2,8 @@
 benchmarks/RESULTS.md (each script owns one '## ' section and replaces only that)."""
 from __future__ import annotations
 
+import datetime
+import os
 import pathlib
 import platform
 import re
@@ -18,6 +20,14 @@ def cpu_model() -> str:
   except (OSError, subprocess.CalledProcessError):
     pass
   return platform.processor() or "unknown"
+
+
+def machine_line(versions: str, load: tuple) -> str:
+  """One line naming the machine, the library versions, the load average when the run started
+  (1/5/15 min: other jobs share this machine) and the date, for every RESULTS.md section."""
+  return (f"Machine: {os.cpu_count()} CPU cores ({cpu_model()}), no accelerator; {versions}. "
+          f"Load average at start (1/5/15 min, other jobs share the machine): "
+          f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. Date: {datetime.date.today().isoformat()}.")
 
 
 def write_section(path, title: str, section: str) -> None:

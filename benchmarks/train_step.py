@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import report  # benchmarks/report.py: machine line + RESULTS.md sections
 import argparse
-import datetime
 import importlib.util
 import json
 import os
@@ -146,15 +145,10 @@ def render(rows: list[dict], command: str, load: tuple) -> str:
       "",
       f"Command: `{command}`",
       "",
-      f"Machine: {os.cpu_count()} CPU cores ({report.cpu_model()}), no accelerator; "
-      f"jax {jax.__version__}, backend {jax.default_backend()}. "
-      f"Load average at start (1/5/15 min, other jobs share the machine): "
-      f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. Date: {datetime.date.today().isoformat()}.",
+      report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}", load),
       "",
   ]
   return "\n".join(lines)
-
-
 
 
 def main():
