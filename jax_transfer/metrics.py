@@ -83,7 +83,11 @@ class _QuietLibraries(logging.Filter):
         n in record.pathname for n in self.NOISY)
 
 
-def setup_logging():
-  logging.getLogger().setLevel(logging.INFO)
+def setup_logging(level: int = logging.INFO):
+  """absl's handler on the root logger, library chatter filtered, at `level` (the CLI logs
+  INFO progress lines; experiment scripts pass WARNING: their printed table is the output)."""
+  from absl import logging as absl_logging
+  absl_logging.use_absl_handler()
+  logging.getLogger().setLevel(level)
   for handler in logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())

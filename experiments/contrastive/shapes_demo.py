@@ -67,13 +67,10 @@ def main():
   parser.add_argument("--steps", type=int, default=None, help="override total_steps")
   args = parser.parse_args()
 
-  from absl import logging as absl_logging
   from jax_transfer import data, train
   from jax_transfer.metrics import setup_logging
   from ml_collections_configs.contrastive import shapes_clip
-  absl_logging.use_absl_handler()
-  setup_logging()
-  logging.getLogger().setLevel(logging.WARNING)
+  setup_logging(logging.WARNING)  # The printed table is the output; logs go to files.
 
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)

@@ -118,12 +118,9 @@ def main():
   parser.add_argument("--transfer_steps", type=int, default=150)
   args = parser.parse_args()
 
-  from absl import logging as absl_logging
   from jax_transfer import export as export_lib, train
   from jax_transfer.metrics import setup_logging
-  absl_logging.use_absl_handler()
-  setup_logging()
-  logging.getLogger().setLevel(logging.WARNING)
+  setup_logging(logging.WARNING)  # The printed table is the output; logs go to files.
 
   t0 = time.time()
   out = os.path.abspath(args.out)

@@ -88,14 +88,11 @@ def main():
   args = parser.parse_args()
   depths = [int(d) for d in args.depths.split(",")]
 
-  from absl import logging as absl_logging
   from jax_transfer import checkpoint, export as export_lib, train
   from jax_transfer.metrics import setup_logging
   from ml_collections_configs.learngene import digits_aux, digits_descendant
   from ml_collections_configs.supervised import digits_vit
-  absl_logging.use_absl_handler()
-  setup_logging()
-  logging.getLogger().setLevel(logging.WARNING)
+  setup_logging(logging.WARNING)  # The printed table is the output; logs go to files.
 
   t0 = time.time()
   out = os.path.abspath(args.out)

@@ -74,13 +74,10 @@ def main():
   parser.add_argument("--transfer_steps", type=int, default=200)
   args = parser.parse_args()
 
-  from absl import logging as absl_logging
   from jax_transfer import export as export_lib, train
   from jax_transfer.metrics import setup_logging
   from ml_collections_configs.supervised import digits_vit
-  absl_logging.use_absl_handler()
-  setup_logging()
-  logging.getLogger().setLevel(logging.WARNING)  # The table is the output; logs go to files.
+  setup_logging(logging.WARNING)  # The printed table is the output; logs go to files.
 
   t0 = time.time()
   out = os.path.abspath(args.out)
