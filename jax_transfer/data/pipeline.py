@@ -359,3 +359,10 @@ def num_classes(input_cfg: ml_collections.ConfigDict) -> int:
   return dataset_info(input_cfg.dataset, input_cfg.get('data_dir'),
                       _label_key(input_cfg))['num_classes']
 
+
+def image_shape(input_cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(H, W, C) of the `image` the pipeline yields: the dataset's, or resized to
+  input_cfg.image_size. What models are initialised with."""
+  h, w, c = dataset_info(input_cfg.dataset, input_cfg.get('data_dir'))['image_shape']
+  size = input_cfg.get('image_size')
+  return (size, size, c) if size else (h, w, c)

@@ -96,9 +96,7 @@ class Contrastive(Method):
     self.tokenizer = get_tokenizer(config, workdir)
     info = data.dataset_info(config.input.dataset, config.input.data_dir)
     self.attributes = info.get("attributes") or {}
-    size = config.input.image_size
-    h, w, ch = info["image_shape"]
-    self.image_shape = (size, size, ch) if size else (h, w, ch)
+    self.image_shape = data.image_shape(config.input)
     self.loss = losses.get_contrastive_loss(config.contrastive.loss,
                                             chunked=config.contrastive.chunked_loss, mesh=mesh)
 

@@ -40,7 +40,7 @@ import optax
 from jax_transfer import checkpoint, config as config_lib, data, losses, models
 from jax_transfer.data import pipeline
 from jax_transfer.methods.base import Method
-from jax_transfer.methods.ssl import PROJECTOR, image_shape
+from jax_transfer.methods.ssl import PROJECTOR
 
 P = nn.with_logical_partitioning
 
@@ -93,7 +93,7 @@ class Distill(Method):
     super().__init__(config, mesh, workdir)
     d = config.distill
     self.dcfg = d
-    self.image_shape = image_shape(config.input)
+    self.image_shape = data.image_shape(config.input)
     self.g_apply, self.g_params = load_target(d.target_export)
     self.target_dim = jax.eval_shape(
         self.g_apply, self.g_params, jax.ShapeDtypeStruct((1, *self.image_shape),

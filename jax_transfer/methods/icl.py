@@ -45,10 +45,8 @@ def default_icl_config() -> ml_collections.ConfigDict:
 
 
 def feature_count(input_cfg) -> int:
-  info = data.dataset_info(input_cfg.dataset, input_cfg.get("data_dir"))
-  h, w, c = info["image_shape"]
-  size = input_cfg.get("image_size")
-  return (size * size * c) if size else h * w * c
+  h, w, c = data.image_shape(input_cfg)
+  return h * w * c
 
 
 class ICL(Method):

@@ -50,12 +50,6 @@ def view_kwargs(ssl_cfg) -> dict:
               grayscale_prob=ssl_cfg.grayscale_prob, noise=ssl_cfg.noise)
 
 
-def image_shape(input_cfg):
-  h, w, c = data.dataset_info(input_cfg.dataset, input_cfg.data_dir)["image_shape"]
-  size = input_cfg.image_size
-  return (size, size, c) if size else (h, w, c)
-
-
 class BarlowTwins(Method):
 
   @staticmethod
@@ -73,7 +67,7 @@ class BarlowTwins(Method):
     super().__init__(config, mesh, workdir)
     self.backbone = build_model(config)
     self.projector = Projector(tuple(config.distill.ssl.projector_dims))
-    self.image_shape = image_shape(config.input)
+    self.image_shape = data.image_shape(config.input)
 
   def init_params(self, rng):
     k1, k2 = jax.random.split(rng)

@@ -36,10 +36,7 @@ class Supervised(Method):
   def __init__(self, config, mesh, workdir=None):
     super().__init__(config, mesh, workdir)
     self.model = build_model(config)
-    info = data.dataset_info(config.input.dataset, config.input.data_dir)
-    size = config.input.image_size
-    h, w, c = info["image_shape"]
-    self.image_shape = (size, size, c) if size else (h, w, c)
+    self.image_shape = data.image_shape(config.input)
 
   def init_params(self, rng):
     dummy = jnp.zeros((1, *self.image_shape), jnp.float32)
