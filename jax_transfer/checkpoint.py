@@ -30,13 +30,17 @@ ASSET_FILES = ("tokenizer.json",)
 
 def checkpoint_manager(workdir: str, keep: int, save_every: int) -> ocp.CheckpointManager:
   """Async manager keeping the `keep` newest checkpoints. A checkpoint becomes visible only once
-  fully written (orbax writes to a tmp dir and renames), so an older one is never deleted
-  before a newer one is complete."""
+  fully written (orbax writes to a tmp dir and renames it, then deletes the oldest beyond
+  `keep`), so no good checkpoint is deleted before a newer one is complete. Tmp dirs that a
+  killed run left behind are removed on start-up (never a finished checkpoint)."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=save_every, create=True,
-      enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_names=("state", "data"))
+      enable_async_checkpointing=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(_ckpt_dir(workdir), options=options, item_names=("state", "data"))
+
+
+def _ckpt_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, force=False) -> bool:
@@ -45,18 +49,86 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, force=False) 
       data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
 
 
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint holds another architecture than the config builds."""
+
+
+def _path_shapes(tree, prefix: str) -> dict[str, tuple]:
+  """'params/a/b' -> shape for the leaves under `prefix` (a TrainState or orbax metadata)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if names and names[0] == prefix:
+      out["/".join(names[1:])] = tuple(leaf.shape)
+  return out
+
+
+def check_compatible(workdir: str, step: int, abstract_state) -> None:
+  """Raises CheckpointMismatchError (one line) when checkpoint `step` of `workdir` holds
+  parameters of other names or shapes than `abstract_state`: reads only orbax's metadata, so it
+  runs before anything compiles and before anything in the workdir is touched."""
+  from etils import epath
+  path = epath.Path(_ckpt_dir(workdir)) / str(step) / "state"
+  try:
+    meta = ocp.StandardCheckpointHandler().metadata(path)
+  except Exception as e:  # Unreadable metadata: damaged; restore_latest deals with that.
+    logging.warning("Cannot read the metadata of checkpoint %s: %s", path, e)
+    return
+  saved, wanted = _path_shapes(meta, "params"), _path_shapes(abstract_state, "params")
+  where = (f"checkpoint step {step} in {workdir!r}")
+  for key in sorted(wanted):
+    if key not in saved:
+      raise CheckpointMismatchError(
+          f"{where} has no parameter {key!r} that this config's model has (another "
+          f"architecture?); use a new --workdir, or the config that wrote it "
+          f"({os.path.join(workdir, 'config.json')})")
+    if saved[key] != wanted[key]:
+      raise CheckpointMismatchError(
+          f"{where} has parameter {key!r} of shape {saved[key]}, this config's model needs "
+          f"{wanted[key]} (another architecture?); use a new --workdir, or the config that "
+          f"wrote it ({os.path.join(workdir, 'config.json')})")
+  extra = sorted(set(saved) - set(wanted))
+  if extra:
+    raise CheckpointMismatchError(
+        f"{where} has parameter {extra[0]!r} that this config's model lacks (another "
+        f"architecture?); use a new --workdir, or the config that wrote it")
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):
-  """Restores the newest checkpoint onto the shardings in `abstract_state` (a tree of
+  """Restores the newest *readable* checkpoint onto the shardings in `abstract_state` (a tree of
   ShapeDtypeStructs with `.sharding`) — any mesh works, orbax reshards. Returns the state or
-  None when the workdir has no checkpoint."""
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iter)))
-  logging.info("Restored checkpoint at step %d", step)
-  return restored["state"]
+  None when the workdir has no checkpoint.
+
+  When the newest checkpoints fail to read (a truncated or corrupted file) but an older one
+  reads, the unreadable ones are moved aside to `checkpoints/<step>.damaged` — kept for
+  inspection, never deleted — with a warning, and the run resumes from the older one: a crash
+  or a disk error costs the steps since the previous good checkpoint, not the run. When none
+  reads, nothing is moved and the error is raised (the cause is then more likely the code or
+  the environment than the files)."""
+  failed = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:  # orbax / tensorstore raise many types for a damaged file.
+      if jax.process_count() > 1:
+        raise  # Hosts could disagree on the fallback; a person must look at it.
+      failed.append((step, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+      continue
+    for bad, why in failed:
+      src = os.path.join(str(mngr.directory), str(bad))
+      logging.warning("Checkpoint step %d is unreadable (%s); moved it to %s.damaged and "
+                      "resumed from step %d.", bad, why, src, step)
+      os.replace(src, f"{src}.damaged")
+    if failed:
+      mngr.reload()
+    logging.info("Restored checkpoint at step %d", step)
+    return restored["state"]
+  if failed:
+    raise RuntimeError(f"no checkpoint in {mngr.directory} could be restored; newest: step "
+                       f"{failed[0][0]}: {failed[0][1]}")
+  return None
 
 
 # ---------------------------------------------------------------------------- Export / import.
@@ -76,7 +148,8 @@ def export(params, config: ml_collections.ConfigDict, out_dir: str,
   under temporary names and renamed, so an interrupted export never leaves a half file
   under a final name."""
   os.makedirs(out_dir, exist_ok=True)
-  flat = flatten(jax.device_get(params))
+  from jax_transfer.models.vit import unstack_blocks  # Exports are per-block, scan or not.
+  flat = flatten(unstack_blocks(jax.device_get(params)))
   writes = {
       "params.safetensors": lambda p: st_save(flat, p),
       "params.msgpack": lambda p: open(p, "wb").write(
@@ -112,7 +185,10 @@ def load_pretrained(export_dir: str):
   from jax_transfer import models  # Late import: models import nothing from here.
   config = load_export_config(export_dir)
   model = models.get_model(config.model_name, **config.model.to_dict())
-  return model, load_export_params(export_dir), config
+  params = load_export_params(export_dir)
+  if getattr(model, "scan_layers", False):  # Exports are per-block; a scan model stacks them.
+    params = models.vit.stack_blocks(params)
+  return model, params, config
 
 
 def merge_pretrained(params, pretrained, load_regex: str = ".*", skip_regex: str = "^$",
@@ -120,8 +196,11 @@ def merge_pretrained(params, pretrained, load_regex: str = ".*", skip_regex: str
   """Returns `params` with every leaf whose path matches load_regex (and not skip_regex)
   replaced by the pretrained leaf of the same path. Shapes must agree; a selected path that
   the pretrained tree lacks is an error naming it, so a typo in a regex cannot silently load
-  nothing."""
-  flat, pre = flatten_keys(params), flatten(pretrained)
+  nothing. Either tree may hold scan-stacked blocks: paths and regexes are the per-block ones
+  (encoderblock_{i}/...), and the result has the layout of `params`."""
+  from jax_transfer.models.vit import has_stacked_blocks, stack_blocks, unstack_blocks
+  stacked = has_stacked_blocks(params)
+  flat, pre = flatten_keys(unstack_blocks(params)), flatten(unstack_blocks(pretrained))
   load, skip = re.compile(load_regex), re.compile(skip_regex)
   selected = [k for k in flat if load.search(k) and not skip.search(k)]
   if not selected:
@@ -136,7 +215,7 @@ def merge_pretrained(params, pretrained, load_regex: str = ".*", skip_regex: str
                        f"needs {tuple(flat[k].shape)} (different architecture?)")
     flat[k] = pre[k].astype(flat[k].dtype)
   logging.info("Loaded %d of %d parameters from %s", len(selected), len(flat), source)
-  return unflatten(flat)
+  return stack_blocks(unflatten(flat)) if stacked else unflatten(flat)
 
 
 def flatten_keys(params) -> dict[str, Any]:

@@ -36,20 +36,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = [
       ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
       ("heads", "tensor"), ("vocab", "tensor"), ("kv", None), ("length", None),
-      ("classes", None)]
+      ("classes", None), ("layers", None)]
 
   c.input = ml_collections.ConfigDict(dict(
       dataset="digits", data_dir=ml_collections.config_dict.placeholder(str),
       train_split="train", global_batch_size=64, label_key="label", caption_key="caption",
       classes=ml_collections.config_dict.placeholder(tuple),  # tuple: overridable as --config.input.classes="(5,6)"
       examples_per_class=ml_collections.config_dict.placeholder(int), subset_seed=0,
-      image_size=ml_collections.config_dict.placeholder(int), num_workers=0, prefetch=2))
+      image_size=ml_collections.config_dict.placeholder(int), num_workers=0, prefetch=2,
+      device_prefetch=1))
   c.eval = ml_collections.ConfigDict(dict(split="test", batch_size=256))
 
   c.model_name = "vit"
   c.model = ml_collections.ConfigDict(dict(
       variant="mu/2", num_classes=10, pool="cls", dropout=0.0, dtype="float32",
-      remat=False))
+      remat=False, scan_layers=False))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9,
@@ -57,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
       trainable_regex=".*"))
   c.schedule = ml_collections.ConfigDict(dict(name="cosine", warmup_steps=50,
                                               end_lr_ratio=0.0))
+
+  # jax.profiler trace of steps start_step .. start_step+num_steps-1 into workdir/tensorboard
+  # (TensorBoard's profile tab); start_step=0: off.
+  c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=3))
 
   # Initialise from an exported checkpoint (transfer): regex-selected subtrees.
   c.init = ml_collections.ConfigDict(dict(
@@ -137,7 +142,11 @@ def validate(config, num_devices: int) -> None:
                       f"{sorted(models.MODELS)}")
   _positive(config, "total_steps", "log_every_steps", "eval_every_steps",
             "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps",
-            "input.global_batch_size", "eval.batch_size", "optimizer.lr")
+            "input.global_batch_size", "eval.batch_size", "optimizer.lr", "profile.num_steps")
+  for key in ("input.device_prefetch", "profile.start_step", "schedule.warmup_steps"):
+    section, name = key.split(".")
+    if config[section][name] < 0:
+      raise ConfigError(f"{key}={config[section][name]} must be >= 0")
   if config.optimizer.weight_decay < 0:
     raise ConfigError(f"optimizer.weight_decay={config.optimizer.weight_decay} must be >= 0")
   if config.optimizer.name not in optim.OPTIMIZERS:

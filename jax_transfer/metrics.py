@@ -13,12 +13,22 @@ import jax
 
 class MetricWriter:
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int | None = None):
+    """resume_step: the step the run (re)starts from. Lines a killed run wrote after it are
+    dropped first (atomically), so a resumed run's metrics.jsonl equals an uninterrupted one's:
+    no step appears twice."""
     self.active = jax.process_index() == 0
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      kept = [line for line in open(path) if _step_of(line) is not None
+              and _step_of(line) <= resume_step]  # A half-written last line is dropped.
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a")
     from tensorboardX import SummaryWriter  # Imported lazily: only process 0 needs it.
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -36,6 +46,13 @@ class MetricWriter:
     if self.active:
       self._jsonl.close()
       self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def read_jsonl(workdir: str) -> list[dict]:
@@ -62,8 +79,9 @@ class Progress:
     sps = speed["steps_per_sec"]
     eta = (self.total - step) / sps if sps == sps and sps > 0 else math.nan
     shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("train/lr"))
+    mfu = f" MFU {speed['perf/mfu']:.1%}" if "perf/mfu" in speed else ""
     return (f"[{step}/{self.total}] {shown} | {sps:.2f} step/s "
-            f"{speed['examples_per_sec']:.0f} ex/s ETA {_hms(eta)}")
+            f"{speed['examples_per_sec']:.0f} ex/s{mfu} ETA {_hms(eta)}")
 
 
 def _hms(seconds: float) -> str:

@@ -13,6 +13,8 @@ The whole codebase talks about devices through this file:
 """
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import math
 import os
@@ -37,6 +39,7 @@ DEFAULT_RULES = (
     ("kv", None),
     ("length", None),
     ("classes", None),
+    ("layers", None),  # scan-stacked blocks: the layer axis stays whole on every device
 )
 
 
@@ -180,3 +183,44 @@ def global_batch(local_batch: dict, mesh: Mesh):
 def with_sharding_rules(rules):
   """Context manager that makes `nn.with_logical_constraint` inside models use our rules."""
   return nn.logical_axis_rules(list(rules))
+
+
+class DevicePrefetch:
+  """Iterator of global device batches that keeps `depth` batches already on their way to the
+  devices, so the host-to-device copy of batch n+1 overlaps step n (flax's
+  `prefetch_to_device`, for global arrays). `depth=0` fetches on demand.
+
+  Checkpointable like the host iterator it wraps (grain's checkpoint handler calls
+  get_state / set_state): the saved position is the host iterator's position *before* the
+  batches still waiting in the buffer, so a resumed run sees exactly the batches this run had
+  not consumed — prefetching never skips or repeats data.
+  """
+
+  def __init__(self, host_iter, to_device, depth: int = 1):
+    self._host, self._to_device, self._depth = host_iter, to_device, max(0, int(depth))
+    self._buffer = collections.deque()  # (host state before the batch, device batch)
+
+  def __iter__(self):
+    return self
+
+  def _fill(self, n):
+    while len(self._buffer) < n:
+      state = self._host.get_state()
+      self._buffer.append((state, self._to_device(next(self._host))))
+
+  def __next__(self):
+    self._fill(1)
+    _, batch = self._buffer.popleft()
+    self._fill(self._depth)
+    return batch
+
+  def get_state(self) -> bytes:
+    state = self._buffer[0][0] if self._buffer else self._host.get_state()
+    return json.dumps(state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._buffer.clear()
+    self._host.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:  # Called by grain's restore; the buffer refills lazily.
+    pass

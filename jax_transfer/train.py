@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import flax
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_transfer import checkpoint, config as config_lib, data, methods, optim, parallel
+from jax_transfer import checkpoint, config as config_lib, data, methods, mfu, optim, parallel
 from jax_transfer.metrics import MetricWriter, Progress
 
 
@@ -74,21 +76,32 @@ def make_default_train_step(method, tx, schedule, grad_accum_steps: int):
   return step_fn
 
 
-def create_state(method, tx, mesh, rules, rng):
-  """Born-sharded train state: shapes from eval_shape, shardings from the logical-axis rules,
-  then jit(init, out_shardings=...). No parameter is ever materialised unsharded.
-  Returns (state, state_shardings)."""
+def abstract_state(method, tx, mesh, rules, rng):
+  """(abstract train state, its shardings): shapes from eval_shape, shardings from the
+  logical-axis rules. Traces only — nothing compiles — so checks against checkpoints and
+  exports run before any compilation."""
   param_rng, extra_rng = jax.random.split(rng)
   abstract_boxed = jax.eval_shape(method.init_params, param_rng)
   param_sh = parallel.logical_to_shardings(abstract_boxed, mesh, rules)
   replicated = NamedSharding(mesh, P())
   abstract_params = nn.unbox(abstract_boxed)
-  opt_sh = parallel.shardings_following_params(
-      jax.eval_shape(tx.init, abstract_params), param_sh, abstract_params, mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = parallel.shardings_following_params(abstract_opt, param_sh, abstract_params, mesh)
   abstract_extra = jax.eval_shape(method.init_extra, extra_rng, abstract_params)
   extra_sh = parallel.logical_to_shardings(abstract_extra, mesh, rules)
   shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
                          extra=extra_sh)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=abstract_opt, rng=jax.eval_shape(lambda: rng),
+                        extra=nn.unbox(abstract_extra))
+  return _abstract(abstract, shardings), shardings
+
+
+def create_state(method, tx, mesh, rules, rng):
+  """Born-sharded train state: shardings from `abstract_state`, then
+  jit(init, out_shardings=...). No parameter is ever materialised unsharded.
+  Returns (state, state_shardings)."""
+  _, shardings = abstract_state(method, tx, mesh, rules, rng)
 
   def init(rng):
     param_rng, extra_rng = jax.random.split(rng)
@@ -107,21 +120,75 @@ def _abstract(state, shardings):
                       state, shardings)
 
 
+class Preemption:
+  """SIGTERM (what TPU pods and SLURM send before evicting a job) -> `reached(step)` turns True
+  at the next step boundary, where the loop saves a checkpoint and returns.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption sync
+  manager (started by jax.distributed.initialize) receives the signal on any host and agrees
+  on one step for all of them (`multihost_utils.reached_preemption_sync_point`), so every host
+  saves the same step; our handler is not installed then, as it would replace JAX's."""
+
+  def __init__(self):
+    from jax._src import distributed
+    self._multi = distributed.global_state.client is not None
+    self.requested = False
+    self._previous = None
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.requested = True
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary.")
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_workdir(workdir: str) -> None:
+  """Bad workdirs are one-line ConfigErrors before anything compiles."""
+  if "://" in workdir:
+    raise config_lib.ConfigError(
+        f"--workdir={workdir!r}: only local paths are supported; mount the bucket with "
+        f"gcsfuse (tpu_scripts/setup.sh does) and pass the mounted path")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir={workdir!r} exists and is not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise config_lib.ConfigError(f"--workdir={workdir!r} cannot be created: "
+                                 f"{e.strerror}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"--workdir={workdir!r} is not writable")
+
+
+def _profile_window(config):
+  """(first, last) step traced by jax.profiler, or None when profiling is off."""
+  start = config.profile.start_step
+  return (start, start + config.profile.num_steps - 1) if start > 0 else None
+
+
 def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=None):
   """Runs (or resumes) the experiment in `config`, writing everything under `workdir`.
 
   devices: the devices of the mesh (default: all). stop_after_step: end this run after that
-  step as a preemption would (checkpoint, then return), for resume tests.
-  Returns (final train state, last evaluation's metrics)."""
+  step as a preemption would (checkpoint, then return), for resume tests. SIGTERM does the
+  same at the next step boundary. Returns (final train state, last evaluation's metrics).
+  """
   # ---------------------------------------------------------------- Validate (before compiling).
   parallel.maybe_initialize_distributed()
   devices = list(devices if devices is not None else jax.devices())
   config_lib.validate(config, len(devices))
+  _check_workdir(workdir)
   method_cls = methods.get_method(config.method)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # ------------------------------------------------------------------------------------ Mesh.
   mesh = parallel.make_mesh(config.mesh, devices)
@@ -129,28 +196,42 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
   logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
 
   # ----------------------------------------------------------------------------------- Input.
-  # Each process builds the iterator for its own slice of every global batch.
-  train_iter = data.make_train_iterator(config.input, seed=config.seed,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+  # Each process builds the iterator for its own slice of every global batch; DevicePrefetch
+  # keeps `input.device_prefetch` global batches in flight to the devices.
+  method = method_cls(config, mesh, workdir)
+  host_iter = data.make_train_iterator(config.input, seed=config.seed,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  train_iter = parallel.DevicePrefetch(
+      host_iter, lambda b: parallel.global_batch(method.host_batch(b), mesh),
+      config.input.device_prefetch)
 
   # ------------------------------------------------------------------------- Model + update.
-  method = method_cls(config, mesh, workdir)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.total_steps)
   step_fn = method.train_step or make_default_train_step(method, tx, schedule,
                                                          config.grad_accum_steps)
 
-  # ----------------------------------------------------------------------------------- Shard.
-  state, state_sh = create_state(method, tx, mesh, rules, jax.random.key(config.seed))
-  batch_sh = parallel.batch_sharding(mesh)
-  metrics_sh = NamedSharding(mesh, P())
-  with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                         out_shardings=(state_sh, metrics_sh), donate_argnums=0)
-
-  # ------------------------------------------------------------------------------ Checkpoint.
+  # ------------------------------------------- Checks against what is on disk (still no compile).
+  rng = jax.random.key(config.seed)
+  abstract, state_sh = abstract_state(method, tx, mesh, rules, rng)
   mngr = checkpoint.checkpoint_manager(workdir, config.keep_checkpoints,
                                        config.checkpoint_every_steps)
+  latest = mngr.latest_step()
+  try:
+    if latest is not None:  # Another architecture's checkpoint: one line, workdir untouched.
+      checkpoint.check_compatible(workdir, latest, abstract)
+    elif config.init.export_dir:  # Missing or wrong-shaped pretrained parameters: traced only.
+      jax.eval_shape(method.load_pretrained, abstract.params)
+  except checkpoint.CheckpointMismatchError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  except (ValueError, FileNotFoundError) as e:
+    raise config_lib.ConfigError(f"init.export_dir: {' '.join(str(e).split())}") from None
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ----------------------------------------------------------------------------------- Shard.
+  state, state_sh = create_state(method, tx, mesh, rules, rng)
   restored = checkpoint.restore_latest(mngr, _abstract(state, state_sh), train_iter)
   if restored is not None:
     state = restored
@@ -161,8 +242,21 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
     state = state.replace(extra=jax.device_put(method.load_extra(state.extra), state_sh.extra))
   first_step = int(state.step)
 
+  # --------------------------------------------------------------------------------- Compile.
+  # Ahead of time, so the compiled step's FLOP count gives MFU (omitted on CPU).
+  batch = next(train_iter)
+  with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
+                         out_shardings=(state_sh, NamedSharding(mesh, P())),
+                         donate_argnums=0).lower(state, batch).compile()
+  flops = mfu.compiled_flops(train_step)
+  peak = mfu.peak_flops(devices[0])
+  if flops:
+    logging.info("Train step: %.3g FLOPs per device%s", flops,
+                 f", peak {peak:.3g} FLOP/s per device" if peak else "")
+
   # ----------------------------------------------------------------------------------- Evals.
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=first_step)
   evaluators = method.evaluators()
 
   def run_evals(step, force=False):
@@ -179,6 +273,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
 
   # ------------------------------------------------------------------------------------ Loop.
   progress = Progress(config.total_steps, config.input.global_batch_size, first_step)
+  preemption = Preemption()
+  profile = _profile_window(config)
   last_eval = {}
   pending = None  # (step, metrics) of the previous step: checked one step late, so the host
                   # never waits on the step it just dispatched.
@@ -192,9 +288,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
 
   try:
     for step in range(first_step + 1, config.total_steps + 1):
-      batch = parallel.global_batch(method.host_batch(next(train_iter)), mesh)
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "tensorboard"))
+      if step > first_step + 1:
+        batch = next(train_iter)
       with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
         state, metrics = train_step(state, batch)
+      if profile and step == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        logging.info("Profiled steps %d-%d into %s/tensorboard", *profile, workdir)
       if pending is not None:
         check_finite(*pending)
       pending = (step, metrics)
@@ -203,24 +306,31 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
         check_finite(step, metrics)
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         speed = progress.measure(step)
+        utilisation = mfu.mfu(flops, speed["steps_per_sec"], peak)
+        if utilisation is not None:
+          speed["perf/mfu"] = utilisation
         writer.write(step, {**host, **speed})
         logging.info(progress.line(step, host, speed))
       if step % config.eval_every_steps == 0 or final:
         last_eval = run_evals(step, force=final) or last_eval
-      stop = step == stop_after_step
+      preempted = preemption.reached(step)
+      stop = step == stop_after_step or preempted
       if step % config.checkpoint_every_steps == 0 or final or stop:
         check_finite(step, metrics)  # Never save parameters that a NaN step produced.
         checkpoint.save(mngr, step, state, train_iter, force=final or stop)
       if stop:
-        logging.info("Stopping after step %d; relaunch with the same workdir to resume.", step)
+        why = "Preempted (SIGTERM)" if preempted else "Stopping"
+        logging.warning("%s after step %d: checkpoint saved in %s; relaunch with the same "
+                        "--workdir to resume.", why, step, workdir)
         break
     if first_step >= config.total_steps:  # Relaunch of a finished run: just evaluate.
       last_eval = run_evals(first_step, force=True)
   finally:
+    preemption.close()
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and int(state.step) == config.total_steps:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": int(state.step), **last_eval}, f, indent=2)
   return state, last_eval
