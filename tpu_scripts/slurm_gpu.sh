@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Submits a multi-node GPU run to SLURM: writes an sbatch script whose `srun` starts one process
+# per GPU (default) or one per host (--per-host) on every node, each running the same
+# `python -m jax_transfer.main` command. The script exports the three variables that
+# jax_transfer/parallel.py hands to jax.distributed.initialize(): JAX_COORDINATOR_ADDRESS (the
+# allocation's first host), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+# Run it from this checkout on a login node; the compute nodes must see the same filesystem.
+# This script writes shell code: its '$SLURM_...' strings are meant to reach the batch script
+# unexpanded.
+# shellcheck disable=SC2016
+set -euo pipefail
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<USAGE
+Usage: $SCRIPT_NAME --config CONFIG --workdir DIR [--nodes 1] [--gpus-per-node 8] [--per-host]
+                    [--time T] [--partition P] [--account A] [--cpus-per-task N]
+                    [--job-name jax_transfer] [--data-dir DIR] [--port PORT] [--python PATH]
+                    [--script PATH] [--config.a.b=value ...] [--dry-run]
+Submits jax_transfer.main as a SLURM batch job over NODES x GPUS-PER-NODE GPUs.
+  --config CONFIG    ml_collections_configs/<method>/<name>.py[:args] (required)
+  --workdir DIR      a local path shared by all nodes (required; no gs://); relaunching with
+                     the same one resumes
+  --nodes N          nodes (default 1)
+  --gpus-per-node N  GPUs per node (default 8)
+  --per-host         one process per node seeing all its GPUs, instead of one per GPU
+  --time T           sbatch --time, e.g. 24:00:00 (default: the partition's)
+  --partition P      sbatch --partition
+  --account A        sbatch --account
+  --cpus-per-task N  CPUs per process (SLURM's default of 1 starves the input pipeline)
+  --job-name NAME    default jax_transfer; the log is NAME-JOBID.out in the submit directory
+  --data-dir DIR     TFDS data_dir (a local path): --config.input.data_dir and TFDS_DATA_DIR
+  --port PORT        coordinator port (default: 61440 + job id % 4096)
+  --python PATH      default .venv/bin/python (relative to the repo root)
+  --script PATH      also keep the batch script there (sbatch PATH); otherwise it goes on stdin
+  --config.a.b=value passed through to jax_transfer.main, in order
+  --dry-run          print the batch script, then the sbatch command (last line), and submit nothing
+  -h, --help         this text
+USAGE
+}
+
+OPT_CONFIG="" OPT_WORKDIR="" OPT_NODES=1 OPT_GPUS_PER_NODE=8 OPT_PER_HOST=0 OPT_TIME=""
+OPT_PARTITION="" OPT_ACCOUNT="" OPT_CPUS_PER_TASK="" OPT_JOB_NAME=jax_transfer OPT_DATA_DIR=""
+OPT_PORT="" OPT_PYTHON=.venv/bin/python OPT_SCRIPT=""
+ALLOW_CONFIG_OVERRIDES=1
+parse_args "config= workdir= nodes= gpus-per-node= per-host time= partition= account=
+  cpus-per-task= job-name= data-dir= port= python= script=" "$@"
+require config workdir
+check_local_path workdir "$OPT_WORKDIR"
+check_local_path data-dir "$OPT_DATA_DIR"
+check_config_file "$OPT_CONFIG"
+for key in nodes gpus-per-node cpus-per-task port; do
+  var=OPT_${key//-/_}
+  var=${var^^}
+  [[ -z ${!var} || ${!var} =~ ^[1-9][0-9]*$ ]] || die "--$key must be a positive integer, got '${!var}'"
+done
+
+absolute() {  # Paths are relative to where this script runs; the job runs in the repo root.
+  if [[ $1 == /* ]]; then printf '%s' "$1"; else printf '%s' "$PWD/$1"; fi
+}
+
+if ((OPT_PER_HOST)); then
+  tasks_per_node=1
+  task_env='export JAX_NUM_PROCESSES=$SLURM_NTASKS JAX_PROCESS_ID=$SLURM_PROCID'
+  layout="one process per host, each seeing its $OPT_GPUS_PER_NODE GPUs"
+else
+  tasks_per_node=$OPT_GPUS_PER_NODE
+  # Each process drives one GPU: the one whose index is its rank on the node.
+  task_env='export JAX_NUM_PROCESSES=$SLURM_NTASKS JAX_PROCESS_ID=$SLURM_PROCID CUDA_VISIBLE_DEVICES=$SLURM_LOCALID'
+  layout="one process per GPU"
+fi
+tasks=$((OPT_NODES * tasks_per_node))
+port=${OPT_PORT:-'$((61440 + SLURM_JOB_ID % 4096))'}
+
+main=("$OPT_PYTHON" -m jax_transfer.main "--config=$OPT_CONFIG" "--workdir=$(absolute "$OPT_WORKDIR")")
+[[ -z $OPT_DATA_DIR ]] || main+=("--config.input.data_dir=$(absolute "$OPT_DATA_DIR")")
+main+=(${CONFIG_OVERRIDES[@]+"${CONFIG_OVERRIDES[@]}"})
+srun_flags=(--nodes="$OPT_NODES" --ntasks="$tasks" --ntasks-per-node="$tasks_per_node" --kill-on-bad-exit=1)
+[[ -z $OPT_CPUS_PER_TASK ]] || srun_flags+=(--cpus-per-task="$OPT_CPUS_PER_TASK")
+
+sbatch_option() { [[ -z $2 ]] || echo "#SBATCH --$1=$2"; }
+script=$(
+  echo '#!/usr/bin/env bash'
+  sbatch_option job-name "$OPT_JOB_NAME"
+  sbatch_option nodes "$OPT_NODES"
+  sbatch_option ntasks-per-node "$tasks_per_node"
+  sbatch_option gpus-per-node "$OPT_GPUS_PER_NODE"
+  sbatch_option cpus-per-task "$OPT_CPUS_PER_TASK"
+  sbatch_option time "$OPT_TIME"
+  sbatch_option partition "$OPT_PARTITION"
+  sbatch_option account "$OPT_ACCOUNT"
+  sbatch_option output "%x-%j.out"
+  echo "# Generated by tpu_scripts/$SCRIPT_NAME: $OPT_NODES node(s) x $OPT_GPUS_PER_NODE GPUs, $layout ($tasks processes)."
+  echo 'set -euo pipefail'
+  echo "cd $(quote "$REPO_ROOT")"
+  echo '# jax.distributed.initialize() (jax_transfer/parallel.py) reads JAX_COORDINATOR_ADDRESS,'
+  echo '# JAX_NUM_PROCESSES and JAX_PROCESS_ID. Process 0 runs on the first host of the allocation and'
+  echo '# serves the coordinator there; the default port follows the job id, so that two jobs sharing'
+  echo '# that host do not collide.'
+  echo 'coordinator=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
+  echo "export JAX_COORDINATOR_ADDRESS=\"\$coordinator:$port\""
+  [[ -z $OPT_DATA_DIR ]] || echo "export TFDS_DATA_DIR=$(quote "$(absolute "$OPT_DATA_DIR")")"
+  echo '# SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID are per task: the single quotes leave them to'
+  echo "# each task's shell."
+  echo '# shellcheck disable=SC2016'
+  echo "$(quote srun "${srun_flags[@]}") \\"
+  echo "  bash -c '$task_env; exec \"\$@\"' task \\"
+  echo "  $(quote "${main[@]}")"
+)
+
+if ((DRY_RUN)); then
+  printf '%s\n' "$script"
+  quote sbatch ${OPT_SCRIPT:+"$OPT_SCRIPT"}
+elif [[ -n $OPT_SCRIPT ]]; then
+  printf '%s\n' "$script" > "$OPT_SCRIPT"
+  run sbatch "$OPT_SCRIPT"
+else
+  printf '%s\n' "$script" | run sbatch
+fi
