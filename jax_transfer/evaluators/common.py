@@ -10,6 +10,12 @@ from jax.experimental import multihost_utils
 from jax_transfer import data, parallel
 
 
+def to_host(x) -> np.ndarray:
+  """A global jax.Array (sharded over processes or not) -> the whole value as numpy on every
+  process. np.asarray alone fails for arrays other processes hold parts of."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def embed_split(jfn: Callable, params, input_cfg, split: str, batch_size: int, mesh, *,
                 inputs: Callable[[dict], dict], keep: tuple[str, ...] = (),
                 limit: int | None = None) -> dict[str, np.ndarray]:
@@ -24,11 +30,10 @@ def embed_split(jfn: Callable, params, input_cfg, split: str, batch_size: int, m
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
     batch = parallel.global_batch(inputs(local), mesh)
-    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    host = jax.tree.map(gather, parallel.global_batch(
+    host = jax.tree.map(to_host, parallel.global_batch(
         {k: np.asarray(local[k]) for k in ("mask", *keep)}, mesh))
     mask = host["mask"]
-    outs.append(gather(jfn(params, **batch))[mask])
+    outs.append(to_host(jfn(params, **batch))[mask])
     for k in keep:
       cols[k].append(host[k][mask])
     seen += int(mask.sum())

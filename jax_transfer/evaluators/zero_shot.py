@@ -9,14 +9,14 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jax_transfer.evaluators.common import embed_split
+from jax_transfer.evaluators.common import embed_split, to_host
 
 
 def class_embeddings(text_fn, params, tokenizer, class_names, templates) -> np.ndarray:
   """[C, E]: mean over templates of the normalised prompt embeddings, re-normalised.
   text_fn: jitted (params, tokens [N, L]) -> [N, E]."""
   prompts = [t.format(name) for name in class_names for t in templates]
-  z = np.asarray(text_fn(params, tokenizer.encode(prompts)), np.float64)
+  z = to_host(text_fn(params, tokenizer.encode(prompts))).astype(np.float64)
   z = z.reshape(len(class_names), len(templates), -1).mean(axis=1)
   return z / np.linalg.norm(z, axis=-1, keepdims=True)
 
