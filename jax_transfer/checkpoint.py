@@ -43,6 +43,16 @@ def _ckpt_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def latest_step(workdir: str) -> int | None:
+  """Newest published checkpoint step of `workdir`, read without creating anything (orbax
+  publishes `checkpoints/<step>` by renaming its tmp dir, so a bare number is complete)."""
+  try:
+    names = os.listdir(_ckpt_dir(workdir))
+  except FileNotFoundError:
+    return None
+  return max((int(n) for n in names if n.isdigit()), default=None)
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, force=False) -> bool:
   return mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),

@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(split="test", batch_size=256))
 
   c.model_name = "vit"
+  # The model's constructor fields. Levers: dtype (compute; params stay f32), remat (+ optional
+  # remat_policy), scan_layers (nn.scan over blocks; exports stay per-block), all per model.
   c.model = ml_collections.ConfigDict(dict(
       variant="mu/2", num_classes=10, pool="cls", dropout=0.0, dtype="float32",
       remat=False, scan_layers=False))
@@ -130,6 +132,26 @@ def _positive(config, *keys):
       raise ConfigError(f"{key}={value!r} must be > 0")
 
 
+def _check_patches(config, model) -> None:
+  """Images of a shape the model's patches do not tile are a config error, not a reshape
+  failure deep inside the first compile."""
+  from jax_transfer import data
+  from jax_transfer.models.vit import decode_variant
+  patch = getattr(model, "patch_size", None)
+  if patch is None and hasattr(model, "image_variant"):
+    patch = decode_variant(model.image_variant).get("patch_size")
+  if not patch:
+    return
+  try:
+    h, w, _ = data.image_shape(config.input)
+  except (KeyError, TypeError, ValueError):  # Not an image dataset: nothing to tile.
+    return
+  if h % patch or w % patch:
+    source = "input.image_size" if config.input.get("image_size") else f"{config.input.dataset}"
+    raise ConfigError(f"images are {h}x{w} ({source}) but the model's patch size {patch} does "
+                      f"not divide them; set input.image_size to a multiple of {patch}")
+
+
 def validate(config, num_devices: int) -> None:
   """Checks shared by every method. Raises ConfigError (one line) on the first problem."""
   from jax_transfer import methods, models, optim, parallel  # Avoid import cycles.
@@ -176,9 +198,10 @@ def validate(config, num_devices: int) -> None:
   except ValueError as e:  # DatasetNotPreparedError included.
     raise ConfigError(f"input.dataset: {e}") from None
   try:
-    models.get_model(config.model_name, **model_kwargs(config.model))
+    model = models.get_model(config.model_name, **model_kwargs(config.model))
   except (ValueError, TypeError) as e:
     raise ConfigError(f"model: {e}") from None
+  _check_patches(config, model)
   methods.get_method(config.method).validate_config(config)
   axes = set(parallel.MESH_AXES)
   for rule in config.sharding_rules:

@@ -154,20 +154,28 @@ class Preemption:
 
 
 def _check_workdir(workdir: str) -> None:
-  """Bad workdirs are one-line ConfigErrors before anything compiles."""
+  """A workdir that cannot be one is a one-line ConfigError; nothing is created here."""
   if "://" in workdir:
     raise config_lib.ConfigError(
         f"--workdir={workdir!r}: only local paths are supported; mount the bucket with "
         f"gcsfuse (tpu_scripts/setup.sh does) and pass the mounted path")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise config_lib.ConfigError(f"--workdir={workdir!r} exists and is not a directory")
+  if os.path.isdir(workdir) and not os.access(workdir, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"--workdir={workdir!r} is not writable")
+
+
+def _create_workdir(workdir: str) -> None:
+  """Called once every check has passed, still before anything compiles."""
   try:
     os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
   except OSError as e:
-    raise config_lib.ConfigError(f"--workdir={workdir!r} cannot be created: "
+    raise config_lib.ConfigError(f"--workdir={workdir!r} cannot be created or written: "
                                  f"{e.strerror}") from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise config_lib.ConfigError(f"--workdir={workdir!r} is not writable")
 
 
 def _profile_window(config):
@@ -214,9 +222,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
   # ------------------------------------------- Checks against what is on disk (still no compile).
   rng = jax.random.key(config.seed)
   abstract, state_sh = abstract_state(method, tx, mesh, rules, rng)
-  mngr = checkpoint.checkpoint_manager(workdir, config.keep_checkpoints,
-                                       config.checkpoint_every_steps)
-  latest = mngr.latest_step()
+  latest = checkpoint.latest_step(workdir)
   try:
     if latest is not None:  # Another architecture's checkpoint: one line, workdir untouched.
       checkpoint.check_compatible(workdir, latest, abstract)
@@ -226,6 +232,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
     raise config_lib.ConfigError(str(e)) from None
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f"init.export_dir: {' '.join(str(e).split())}") from None
+  _create_workdir(workdir)
+  mngr = checkpoint.checkpoint_manager(workdir, config.keep_checkpoints,
+                                       config.checkpoint_every_steps)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))

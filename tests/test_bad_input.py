@@ -1,0 +1,194 @@
+"""Bad input, table-driven, through the whole entry point: each row is one kind of mistake, and
+`train.train_and_evaluate` must refuse it with a one-line ConfigError naming the key, file or
+value — before XLA compiles anything and without changing a byte of what the workdir already
+holds. (tests/test_config.py covers more config-only rows; README "Troubleshooting" lists them.)
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import pytest
+from jax._src import dispatch, monitoring
+
+from conftest import tiny_vit_config
+from jax_transfer import checkpoint, config as config_lib, export as export_lib, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """A finished 2-step nano run (workdir with checkpoints) and its export."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  c = tiny_vit_config(data_dir)
+  c.total_steps, c.checkpoint_every_steps, c.eval_every_steps = 2, 2, 2
+  train.train_and_evaluate(c, workdir, devices=jax.devices())
+  export = str(tmp_path_factory.mktemp("export"))
+  export_lib.export_workdir(workdir, export)
+  return workdir, export
+
+
+def _set(**overrides):
+  """The tiny config with dotted keys set, rebuilt from a plain dict: what a config file that
+  misspells a key or gives a wrong type produces (ConfigDict itself would refuse both)."""
+  def make(data_dir, tmp, trained):
+    d = tiny_vit_config(data_dir).to_dict()
+    for key, value in overrides.items():
+      *parents, last = key.split(".")
+      node = d
+      for p in parents:
+        node = node[p]
+      node[last] = value
+    return ml_collections.ConfigDict(d), str(tmp / "w")
+  return make
+
+
+def _other_architecture_workdir(data_dir, tmp, trained):
+  workdir = str(tmp / "w")
+  shutil.copytree(trained[0], workdir)
+  return config_lib.with_overrides(tiny_vit_config(data_dir), **{"model.variant": "mu/2"}), \
+      workdir
+
+
+def _export_dir(make_dir):
+  def make(data_dir, tmp, trained):
+    path = make_dir(tmp, trained[1])
+    return config_lib.with_overrides(tiny_vit_config(data_dir),
+                                     **{"init.export_dir": path}), str(tmp / "w")
+  return make
+
+
+def _export_missing_file(tmp, export):
+  path = str(tmp / "export")
+  shutil.copytree(export, path)
+  os.remove(os.path.join(path, "params.safetensors"))
+  return path
+
+
+def _workdir(path_of):
+  def make(data_dir, tmp, trained):
+    return tiny_vit_config(data_dir), path_of(tmp)
+  return make
+
+
+def _file_as_workdir(tmp):
+  path = tmp / "w"
+  path.write_text("not a directory")
+  return str(path)
+
+
+def _unprepared(data_dir, tmp, trained):
+  c = tiny_vit_config(data_dir)
+  c.input.dataset, c.input.data_dir = "cifar10", str(tmp / "empty")
+  return c, str(tmp / "w")
+
+
+CASES = [
+    ("unknown key", _set(optimzer=1), r"unknown config key 'optimzer'.*did you mean"),
+    ("wrong type", _set(total_steps="ten"), r"'total_steps' must be int, got str"),
+    ("impossible mesh", _set(**{"mesh.data": 3}), r"mesh: .* needs 3 devices, but 8 exist"),
+    ("two -1 mesh axes", _set(**{"mesh.fsdp": -1}), r"at most one axis may be -1"),
+    ("non-divisible batch", _set(**{"input.global_batch_size": 12}),
+     r"global_batch_size=12 must be divisible by the data-parallel size"),
+    ("non-divisible accumulation", _set(grad_accum_steps=3), r"grad_accum_steps=3"),
+    ("unknown dataset", _set(**{"input.dataset": "nosuch"}),
+     r"input.dataset: Dataset 'nosuch' is neither embedded"),
+    ("unprepared dataset", _unprepared, r"'cifar10' is not prepared .*tfds build cifar10"),
+    ("images of the wrong shape", _set(**{"input.image_size": 9}),
+     r"images are 9x9 \(input.image_size\) but the model's patch size 2 does not divide"),
+    ("negative learning rate", _set(**{"optimizer.lr": -1e-3}), r"optimizer.lr=-0.001 must be > 0"),
+    ("negative weight decay", _set(**{"optimizer.weight_decay": -1.0}), r"must be >= 0"),
+    ("negative warmup", _set(**{"schedule.warmup_steps": -5}),
+     r"schedule.warmup_steps=-5 must be >= 0"),
+    ("unknown optimiser", _set(**{"optimizer.name": "adagrad"}), r"optimizer.name='adagrad'"),
+    ("unknown model", _set(model_name="resnet"), r"model_name='resnet' is unknown"),
+    ("unknown variant", _set(**{"model.variant": "huge/2"}), r"Unknown ViT variant 'huge/2'"),
+    ("unknown model field", _set(**{"model.widht": 3}), r"model: .*widht"),
+    ("classes vs head", _set(**{"model.num_classes": 10}), r"model.num_classes=10 but the data"),
+    ("class out of range", _set(**{"input.classes": (3, 12)}), r"input.classes has \[12\]"),
+    ("unknown mesh axis in rules", _set(sharding_rules=[("embed", "model")]),
+     r"maps to unknown mesh axis 'model'"),
+    ("negative prefetch", _set(**{"input.device_prefetch": -1}), r"device_prefetch=-1"),
+    ("checkpoint of another architecture", _other_architecture_workdir,
+     r"checkpoint step 2 in .* has parameter '.*' of shape .*another architecture"),
+    ("export dir missing files", _export_dir(_export_missing_file),
+     r"init.export_dir: export dir .* lacks \['params.safetensors'\]"),
+    ("export dir does not exist", _export_dir(lambda tmp, e: str(tmp / "nope")),
+     r"init.export_dir: export dir .*nope' lacks"),
+    ("export of another architecture", lambda d, t, tr: (config_lib.with_overrides(
+        tiny_vit_config(d), **{"init.export_dir": tr[1], "model.variant": "mu/2"}),
+        str(t / "w")), r"init.export_dir: export .* has shape .* the model needs"),
+    ("load regex selecting nothing", lambda d, t, tr: (config_lib.with_overrides(
+        tiny_vit_config(d), **{"init.export_dir": tr[1], "init.load_regex": "^nosuch/"}),
+        str(t / "w")), r"init.load_regex='\^nosuch/' .* selects no parameter"),
+    ("workdir is a file", _workdir(_file_as_workdir), r"exists and is not a directory"),
+    ("unwritable workdir", _workdir(lambda tmp: "/proc/jax_transfer_workdir"),
+     r"--workdir='/proc/jax_transfer_workdir' cannot be created"),
+    ("bucket URL as workdir", _workdir(lambda tmp: "gs://bucket/run"),
+     r"only local paths are supported; mount the bucket with gcsfuse"),
+]
+
+
+def _snapshot(path):
+  if not os.path.isdir(path):
+    return os.path.exists(path) and open(path, "rb").read()
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, path)] = fh.read()
+  return out
+
+
+@pytest.mark.parametrize("name,make,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_before_compiling_and_writes_nothing(data_dir, tmp_path, trained,
+                                                                     name, make, message):
+  config, workdir = make(data_dir, tmp_path, trained)
+  before = _snapshot(workdir)
+  compiles = []
+  def listener(event, duration, **kwargs):
+    if event == dispatch.BACKEND_COMPILE_EVENT:
+      compiles.append(event)
+  monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(config_lib.ConfigError, match=message) as err:
+      train.train_and_evaluate(config, workdir, devices=jax.devices())
+  finally:
+    monitoring.unregister_event_duration_listener(listener)
+  assert "\n" not in str(err.value)
+  assert not compiles, f"{name}: compiled before refusing"
+  assert _snapshot(workdir) == before, f"{name}: changed the workdir"
+
+
+def test_at_least_twenty_kinds():
+  assert len(CASES) >= 20
+
+
+def test_cli_turns_them_into_one_line_and_exit_2(data_dir, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_TRANSFER_DATA_DIR=data_dir)
+  out = subprocess.run(
+      [sys.executable, "-m", "jax_transfer.main",
+       "--config=ml_collections_configs/supervised/digits_vit.py:runlocal",
+       f"--workdir={tmp_path}/w", "--config.input.image_size=9"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.startswith("error: images are 9x9") and out.stderr.count("\n") == 1
+
+
+def test_torch_checkpoint_with_missing_keys(tmp_path, capsys):
+  """The open_clip importer (tools/import_clip.py) names the missing keys, exit 2, no output."""
+  import numpy as np
+  from safetensors.numpy import save_file
+  from jax_transfer.tools import import_clip
+  path = str(tmp_path / "clip.safetensors")
+  save_file({"visual.conv1.weight": np.zeros((32, 3, 8, 8), np.float32),
+             "token_embedding.weight": np.zeros((40, 32), np.float32)}, path)
+  assert import_clip.main(["--checkpoint", path, "--out", str(tmp_path / "x"),
+                           "--activation", "gelu"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("import_clip: ") and err.count("\n") == 1, err
+  assert not (tmp_path / "x").exists()
