@@ -251,3 +251,22 @@ def test_params_tree_is_the_models_and_parity_options_matter():
                     tokens)
     assert np.abs(zimg - ref_img).max() > 4 * ATOL, change  # ATOL tells these apart
     assert math.isclose(float(np.linalg.norm(zimg[0])), 1.0, rel_tol=1e-5)
+
+
+def test_imported_export_loads_into_a_scan_model(tmp_path):
+  """The importer's per-block export, loaded by a config with model.scan_layers=True, gives a
+  scan model with stacked blocks and open_clip's embeddings (scan only reorders float sums)."""
+  from jax_transfer import checkpoint
+  name = "mu4_px16_shapes_clip"  # 4 image and 2 text blocks: both towers scanned
+  ref_model = _open_clip_model(name, seed=3)
+  kwargs, params = convert_state_dict(_state_dict(ref_model), **ARCHS[name][4])
+  config = import_clip.export_config(dict(kwargs, scan_layers=True),
+                                     import_clip.image_size_of(params, kwargs))
+  checkpoint.export(params, config, str(tmp_path / "export"))
+  model, loaded, _ = load_pretrained(str(tmp_path / "export"))
+  assert model.scan_layers and loaded["img"]["encoderblocks"]["ln_1"]["scale"].shape == (4, 64)
+  images, tokens = _inputs(name, seed=1)
+  ref_img, ref_txt = _reference(ref_model, images, tokens)
+  zimg, ztxt = _ours(model, loaded, images, tokens)
+  np.testing.assert_allclose(zimg, ref_img, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(ztxt, ref_txt, atol=ATOL, rtol=0)

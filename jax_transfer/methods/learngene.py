@@ -52,6 +52,7 @@ class Learngene(Supervised):
   def __init__(self, config, mesh, workdir=None):
     super().__init__(config, mesh, workdir)
     self.depth = self.model.depth  # L_aux
+    self.stacked = self.model.scan_layers  # expand into the aux model's (scan) layout
     lg = config.learngene
     # Rebuilt from the export's own config, so any supervised export is a valid teacher.
     self.teacher, self._teacher_params, tcfg = checkpoint.load_pretrained(lg.teacher_dir)
@@ -80,7 +81,7 @@ class Learngene(Supervised):
 
   def loss_fn(self, params, extra, batch, rng):
     lg = self.config.learngene
-    logits, _ = self.model.apply({"params": learngene.expand(params, self.depth)},
+    logits, _ = self.model.apply({"params": learngene.expand(params, self.depth, self.stacked)},
                                  batch["image"], train=True, rngs={"dropout": rng})
     teacher_logits, _ = self.teacher.apply({"params": extra["teacher"]}, batch["image"],
                                            train=False)
@@ -90,5 +91,5 @@ class Learngene(Supervised):
     return loss, (metrics, extra)
 
   def predict(self, params, images):
-    return self.model.apply({"params": learngene.expand(params, self.depth)}, images,
-                            train=False)[0]
+    return self.model.apply({"params": learngene.expand(params, self.depth, self.stacked)},
+                            images, train=False)[0]

@@ -9,7 +9,8 @@ expanded) params of models/vit.py: patch `embedding`, `pos_embedding`, `encoder_
 
 for every per-block param: ln_1, attn/{qkv,out}, ln_2, mlp/{fc1,fc2}, kernels and biases.
 `expand` turns a learngene into an ordinary ViT param tree of any depth, so descendants are
-plain ViTs that any method fine-tunes unchanged.
+plain ViTs that any method fine-tunes unchanged (`stacked=True`: the layout of a ViT with
+scan_layers=True; a learngene itself never depends on scan).
 
 Param layout: {embedding, pos_embedding, encoder_norm, head,
                learngene_A: <one encoderblock>, learngene_B: <one encoderblock>}.
@@ -24,6 +25,8 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jax_transfer.models.vit import STACKED, stack_blocks
 
 A, B = "learngene_A", "learngene_B"
 _BLOCK = re.compile(r"encoderblock_(\d+)$")
@@ -60,8 +63,9 @@ def init_learngene(model: nn.Module, rng, images):
   """Boxed learngene params for a ViT `model` (any depth; only its block shapes matter).
   images: a [1, H, W, C] dummy fixing the token count."""
   tpl_rng, a_rng, b_rng = jax.random.split(rng, 3)
-  # A depth-1 ViT gives the shared params and one block's shapes and logical names.
-  params = dict(model.clone(depth=1).init({"params": tpl_rng}, images, train=False)["params"])
+  # A depth-1 unscanned ViT gives the shared params and one block's shapes and logical names.
+  template = model.clone(depth=1, scan_layers=False)
+  params = dict(template.init({"params": tpl_rng}, images, train=False)["params"])
   block = params.pop("encoderblock_0")
   params[A] = _tleg_init(block, a_rng, "A")
   params[B] = _tleg_init(block, b_rng, "B")
@@ -72,9 +76,10 @@ def is_learngene(params) -> bool:
   return A in params and B in params
 
 
-def expand(learngene, depth: int):
+def expand(learngene, depth: int, stacked: bool = False):
   """Learngene -> ViT params of `depth` blocks: block i = θ_A + (i/depth)·θ_B. Differentiable
-  (the auxiliary model's loss goes through it) and works on numpy or jax leaves."""
+  (the auxiliary model's loss goes through it) and works on numpy or jax leaves. stacked=True
+  returns the blocks stacked for a ViT with scan_layers=True (the same values)."""
   if depth < 1:
     raise ValueError(f"depth={depth} must be >= 1")
   params = {k: v for k, v in learngene.items() if k not in (A, B)}
@@ -82,11 +87,13 @@ def expand(learngene, depth: int):
     coef = i / depth  # Python float: the same value in the auxiliary model and descendants.
     params[f"encoderblock_{i}"] = jax.tree.map(lambda a, b: a + coef * b,
                                                learngene[A], learngene[B])
-  return params
+  return stack_blocks(params) if stacked else params
 
 
 def vit_depth(params) -> int:
-  """Number of encoder blocks in a ViT param tree."""
+  """Number of encoder blocks in a ViT param tree (per-block or scan-stacked)."""
+  if STACKED in params:
+    return jax.tree.leaves(params[STACKED])[0].shape[0]
   return sum(1 for k in params if _BLOCK.match(k))
 
 

@@ -13,6 +13,7 @@ Param layout (logical names in brackets):
   embed/{kernel [F, D] ('features', 'embed'), bias [D]}
   pos_embedding [max_len, D] ('posemb_len', 'embed')                 Transformer only
   encoderblock_{i}/...  ViT Block (models/vit.py)                    Transformer only
+                        (scan_layers=True: encoderblocks/..., stacked as in the ViT)
   lstm_{i}/...          flax OptimizedLSTMCell (replicated)          LSTM only
   encoder_norm, head/{kernel [D, C] ('embed', 'classes'), bias [C]}
 """
@@ -22,7 +23,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jax_transfer.models.vit import ACT, P, block_class, ln
+from jax_transfer.models.vit import ACT, P, encoder_blocks, ln
 
 Dtype = Any
 
@@ -54,6 +55,7 @@ class SeqTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
+  scan_layers: bool = False  # nn.scan over blocks (see models/vit.py)
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -66,10 +68,9 @@ class SeqTransformer(nn.Module):
                      P(nn.initializers.normal(self.width ** -0.5), ('posemb_len', 'embed')),
                      (self.max_len, self.width), self.param_dtype)
     x = nn.with_logical_constraint(x + pos[:n].astype(x.dtype), ACT)
-    block = block_class(self.remat, self.remat_policy)
-    for i in range(self.depth):
-      x = block(self.mlp_dim, self.num_heads, self.dropout, causal=True,
-                name=f'encoderblock_{i}', **kw)(x, train)
+    x = encoder_blocks(x, train, depth=self.depth, scan=self.scan_layers, remat=self.remat,
+                       remat_policy=self.remat_policy, mlp_dim=self.mlp_dim,
+                       num_heads=self.num_heads, dropout=self.dropout, causal=True, **kw)
     x = ln('encoder_norm', **kw)(x)
     logits = _head(self.num_classes, kw)(x)
     chex.assert_shape(logits, (b, n, self.num_classes))

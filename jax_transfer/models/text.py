@@ -12,6 +12,7 @@ Param layout (logical names in brackets):
   token_embedding/embedding [V, D]     ('vocab', 'embed')
   positional_embedding [L, D]          ('posemb_len', 'embed')
   encoderblock_{i}/...                 the ViT Block (models/vit.py), causal=True
+                                       (scan_layers=True: encoderblocks/... stacked, as the ViT)
   ln_final/{scale, bias} [D]           ('embed',)
 """
 from typing import Any
@@ -20,7 +21,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jax_transfer.models.vit import ACT, P, block_class, ln
+from jax_transfer.models.vit import ACT, P, encoder_blocks, ln
 
 Dtype = Any
 
@@ -40,6 +41,7 @@ class TextTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
+  scan_layers: bool = False  # nn.scan over blocks (see models/vit.py)
   ln_eps: float = 1e-6
   gelu_approximate: bool = True
   quick_gelu: bool = False
@@ -62,12 +64,11 @@ class TextTransformer(nn.Module):
     x = nn.with_logical_constraint(x + pos[:n].astype(x.dtype), ACT)  # as open_clip: [:L]
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
-    block = block_class(self.remat, self.remat_policy)
-    for i in range(self.depth):
-      x = block(self.mlp_dim, self.num_heads, self.dropout, ln_eps=self.ln_eps,
-                gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
-                causal=True,
-                name=f'encoderblock_{i}', **kw)(x, train)
+    x = encoder_blocks(x, train, depth=self.depth, scan=self.scan_layers, remat=self.remat,
+                       remat_policy=self.remat_policy, mlp_dim=self.mlp_dim,
+                       num_heads=self.num_heads, dropout=self.dropout, ln_eps=self.ln_eps,
+                       gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
+                       causal=True, **kw)
     x = ln('ln_final', epsilon=self.ln_eps, **kw)(x)
     eot = jnp.argmax(tokens, axis=-1)  # [B]: EOT is the largest id (first one on ties)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]  # [B, D]

@@ -13,8 +13,12 @@ Param layout (paths are a contract: checkpoint import and learngene map params b
       attn/qkv/kernel [D, 3, H, K], bias [3, H, K]   fused q, k, v: one matmul, split on axis 1
       attn/out/kernel [H, K, D],    bias [D]
   encoder_norm, pre_logits (only if representation_size), head (only if num_classes > 0)
-Blocks are plain per-block subtrees (no nn.scan), so each can be built separately. The same
-Block (with causal=True) is the text tower's block (models/text.py).
+Blocks are per-block subtrees: this is the canonical layout (exports, learngene, import_clip).
+With scan_layers=True the blocks run under nn.scan and live in memory as ONE subtree
+  encoderblocks/...   every leaf stacked on a leading [depth] axis, logical name 'layers'
+`stack_blocks` / `unstack_blocks` convert between the two; checkpoint.export always writes the
+per-block layout and loading stacks it again, so either model loads either's export. The same
+Block (with causal=True) is the text tower's and SeqTransformer's block, run by `encoder_blocks`.
 
 open_clip parity options (defaults keep the big_vision behaviour): pre_norm=True,
 ln_eps=1e-5, gelu_approximate=False, patch_bias=False give open_clip's VisionTransformer
@@ -26,6 +30,7 @@ Logical axis names (rules in parallel.py map them to mesh axes 'data' / 'fsdp' /
                'qkv' (the fused size-3 axis: never shard -> None)
                'patch_h', 'patch_w', 'channels' (conv kernel; never shard -> None)
                'posemb_len' (position axis of pos_embedding)   'classes' (head out)
+               'layers' (leading axis of scan-stacked block params; replicated by default)
                None for the broadcast dims of cls / pos_embedding.
   activations: ('batch', 'length', 'embed') at embedding output and every block boundary;
                ('batch', 'length', 'heads', 'kv') for q, k, v; ('batch', 'length', 'mlp').
@@ -33,12 +38,14 @@ Logical axis names (rules in parallel.py map them to mesh axes 'data' / 'fsdp' /
   'fsdp')) before ('embed', 'fsdp') and activations keep 'embed' replicated.
 """
 import re
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 P = nn.with_logical_partitioning
@@ -194,13 +201,83 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x + drop(y), ACT)
 
 
-def block_class(remat: bool, remat_policy: str = 'nothing_saveable'):
-  """Block, or Block under nn.remat (recompute activations in the backward pass)."""
+def block_class(remat: bool, remat_policy: str = 'nothing_saveable', prevent_cse: bool = True):
+  """Block, or Block under nn.remat (recompute activations in the backward pass).
+  prevent_cse=False is safe (and faster) only inside nn.scan, as in big_vision / MaxText."""
   if not remat:
     return Block
   # static_argnums=(2,): argnum 2 of Block.__call__(self, x, train) is `train`.
-  return nn.remat(Block, static_argnums=(2,),
+  return nn.remat(Block, static_argnums=(2,), prevent_cse=prevent_cse,
                   policy=getattr(jax.checkpoint_policies, remat_policy))
+
+
+STACKED = 'encoderblocks'  # the scanned blocks' subtree; per-block names are encoderblock_{i}
+_BLOCK = re.compile(r'encoderblock_(\d+)')
+
+
+def encoder_blocks(x, train: bool, *, depth: int, scan: bool = False, remat: bool = False,
+                   remat_policy: str = 'nothing_saveable', **block_kwargs):
+  """`depth` Blocks over x [B, N, D] -> [B, N, D]. Call it inside a parent's nn.compact method:
+  the blocks become the parent's children 'encoderblock_{i}', or with scan=True one nn.scan'd
+  child 'encoderblocks' whose params are stacked on a leading 'layers' axis (one block is
+  traced and compiled once, whatever the depth). remat composes: nn.remat(Block) is the scanned
+  body. Each layer gets its own init and dropout rngs in both forms."""
+  block = block_class(remat, remat_policy, prevent_cse=not scan)
+  if not scan:
+    for i in range(depth):
+      x = block(**block_kwargs, name=f'encoderblock_{i}')(x, train)
+    return x
+  scanned = nn.scan(lambda mdl, carry, _: (mdl(carry, train), None),
+                    variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                    length=depth, metadata_params={nn.PARTITION_NAME: 'layers'})
+  x, _ = scanned(block(**block_kwargs, name=STACKED), x, None)
+  return x
+
+
+def _stack(*xs):
+  """numpy leaves (host-side loading) stay numpy on the host; others become jax arrays."""
+  if all(isinstance(x, np.ndarray) for x in xs):
+    return np.stack(xs)
+  return jnp.stack(xs)
+
+
+def stack_blocks(params):
+  """Per-block -> scan layout, at every level of a plain (unboxed) param tree: sibling subtrees
+  encoderblock_0..encoderblock_{L-1} become 'encoderblocks' with every leaf [L, ...]. A tree
+  without per-block subtrees (or already stacked) comes back unchanged. Inverse of
+  unstack_blocks. Used where per-block params enter a scan model (checkpoint.load_pretrained,
+  merge_pretrained, learngene.expand)."""
+  if not isinstance(params, Mapping):
+    return params
+  out = {k: stack_blocks(v) for k, v in params.items() if not _BLOCK.fullmatch(k)}
+  idx = sorted(int(_BLOCK.fullmatch(k).group(1)) for k in params if _BLOCK.fullmatch(k))
+  if idx:
+    if idx != list(range(len(idx))) or STACKED in params:
+      raise ValueError(f'cannot stack blocks {idx} (need 0..L-1, no {STACKED!r} beside them)')
+    out[STACKED] = jax.tree.map(_stack, *(params[f'encoderblock_{i}'] for i in idx))
+  return out
+
+
+def unstack_blocks(params):
+  """Scan -> per-block layout (the canonical one, written by export): every 'encoderblocks'
+  subtree with leaves [L, ...] becomes encoderblock_0..encoderblock_{L-1}. A tree without
+  stacked blocks comes back unchanged. Inverse of stack_blocks."""
+  if not isinstance(params, Mapping):
+    return params
+  out = {k: unstack_blocks(v) for k, v in params.items() if k != STACKED}
+  if STACKED in params:
+    depth = {x.shape[0] for x in jax.tree.leaves(params[STACKED])}
+    if len(depth) != 1:
+      raise ValueError(f'{STACKED!r} leaves have different leading (layer) sizes {depth}')
+    for i in range(depth.pop()):
+      out[f'encoderblock_{i}'] = jax.tree.map(lambda x, i=i: x[i], params[STACKED])
+  return out
+
+
+def has_stacked_blocks(params) -> bool:
+  """True when a param tree holds scan-stacked blocks anywhere."""
+  return isinstance(params, Mapping) and (
+      STACKED in params or any(has_stacked_blocks(v) for v in params.values()))
 
 
 class ViT(nn.Module):
@@ -224,6 +301,7 @@ class ViT(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   remat_policy: str = 'nothing_saveable'  # any name in jax.checkpoint_policies
+  scan_layers: bool = False  # nn.scan over blocks: stacked params, one compiled block
   head_zero_init: bool = True
   representation_size: Optional[int] = None
   # open_clip parity (see the module docstring); defaults are big_vision's.
@@ -264,12 +342,10 @@ class ViT(nn.Module):
       x = ln('ln_pre', epsilon=self.ln_eps, **kw)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
-    block = block_class(self.remat, self.remat_policy)
-    for i in range(self.depth):
-      x = block(self.mlp_dim, self.num_heads, self.dropout, ln_eps=self.ln_eps,
-                gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
-                name=f'encoderblock_{i}', **kw)(
-          x, train)
+    x = encoder_blocks(x, train, depth=self.depth, scan=self.scan_layers, remat=self.remat,
+                       remat_policy=self.remat_policy, mlp_dim=self.mlp_dim,
+                       num_heads=self.num_heads, dropout=self.dropout, ln_eps=self.ln_eps,
+                       gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu, **kw)
     x = ln('encoder_norm', epsilon=self.ln_eps, **kw)(x)
     aux = {'tokens': x}
 
