@@ -49,6 +49,7 @@ def catalogue_metadata(monkeypatch, data_dir):
             "num_examples": {}, "label_key": label_key or "label",
             "attributes": {"label": names} if n else {}}
   monkeypatch.setattr(data, "dataset_info", dataset_info)
+  monkeypatch.setattr(data.pipeline, "dataset_info", dataset_info)  # data.image_shape's.
 
 
 def _config_files():
