@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   # remat_policy), scan_layers (nn.scan over blocks; exports stay per-block), all per model.
   c.model = ml_collections.ConfigDict(dict(
       variant="mu/2", num_classes=10, pool="cls", dropout=0.0, dtype="float32",
-      remat=False, scan_layers=False))
+      remat=False, scan_layers=False, attention_impl="auto"))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9,
@@ -202,6 +202,15 @@ def validate(config, num_devices: int) -> None:
   except (ValueError, TypeError) as e:
     raise ConfigError(f"model: {e}") from None
   _check_patches(config, model)
+  impl = config.model.get("attention_impl")
+  if impl is not None:
+    from jax_transfer.models.vit import ATTENTION_IMPLS
+    import jax
+    if impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"model.attention_impl={impl!r} is unknown; allowed: {ATTENTION_IMPLS}")
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+      raise ConfigError(f"model.attention_impl='cudnn' needs a GPU (backend here: "
+                        f"{jax.default_backend()}); use 'auto'")
   methods.get_method(config.method).validate_config(config)
   axes = set(parallel.MESH_AXES)
   for rule in config.sharding_rules:

@@ -125,3 +125,16 @@ def test_decode_variant_and_registry_errors():
   with pytest.raises(ValueError, match=r"Unknown model 'resnet'; allowed: .*vit"):
     get_model('resnet')
   assert isinstance(get_model('vit', variant='nano/8', num_classes=3), nn.Module)
+
+
+def test_attention_implementation_choice():
+  """'auto' reaches cuDNN's fused kernel only on GPU with bf16/fp16 and an eligible head dim;
+  elsewhere (this CPU) XLA. jax's own default (None) would never pick cuDNN."""
+  import jax.numpy as jnp
+  from jax_transfer.models.vit import attention_implementation
+  assert attention_implementation("auto", jnp.bfloat16, 64) == (
+      "cudnn" if jax.default_backend() == "gpu" else "xla")
+  assert attention_implementation("auto", jnp.float32, 64) == "xla"
+  assert attention_implementation("xla", jnp.bfloat16, 64) == "xla"
+  with pytest.raises(ValueError, match="Unknown attention_impl 'flash'"):
+    attention_implementation("flash", jnp.float32, 64)

@@ -56,6 +56,7 @@ class SeqTransformer(nn.Module):
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
   scan_layers: bool = False  # nn.scan over blocks (see models/vit.py)
+  attention_impl: str = 'auto'  # see models/vit.py attention_implementation
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -70,7 +71,8 @@ class SeqTransformer(nn.Module):
     x = nn.with_logical_constraint(x + pos[:n].astype(x.dtype), ACT)
     x = encoder_blocks(x, train, depth=self.depth, scan=self.scan_layers, remat=self.remat,
                        remat_policy=self.remat_policy, mlp_dim=self.mlp_dim,
-                       num_heads=self.num_heads, dropout=self.dropout, causal=True, **kw)
+                       num_heads=self.num_heads, dropout=self.dropout, causal=True,
+                       attention_impl=self.attention_impl, **kw)
     x = ln('encoder_norm', **kw)(x)
     logits = _head(self.num_classes, kw)(x)
     chex.assert_shape(logits, (b, n, self.num_classes))

@@ -42,6 +42,7 @@ class TextTransformer(nn.Module):
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
   scan_layers: bool = False  # nn.scan over blocks (see models/vit.py)
+  attention_impl: str = 'auto'  # see models/vit.py attention_implementation
   ln_eps: float = 1e-6
   gelu_approximate: bool = True
   quick_gelu: bool = False
@@ -68,7 +69,7 @@ class TextTransformer(nn.Module):
                        remat_policy=self.remat_policy, mlp_dim=self.mlp_dim,
                        num_heads=self.num_heads, dropout=self.dropout, ln_eps=self.ln_eps,
                        gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
-                       causal=True, **kw)
+                       causal=True, attention_impl=self.attention_impl, **kw)
     x = ln('ln_final', epsilon=self.ln_eps, **kw)(x)
     eot = jnp.argmax(tokens, axis=-1)  # [B]: EOT is the largest id (first one on ties)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]  # [B, D]

@@ -100,6 +100,7 @@ class TwoTowers(nn.Module):
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
   scan_layers: bool = False  # nn.scan over the blocks of both towers (stacked params)
+  attention_impl: str = 'auto'  # both towers; see models/vit.py attention_implementation
   logit_scale_init: float = math.log(1 / 0.07)  # CLIP; SigLIP: log(10)
   logit_bias_init: float = 0.0  # SigLIP: -10
   # open_clip parity (see the module docstring), passed to both towers.
@@ -112,6 +113,7 @@ class TwoTowers(nn.Module):
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
               remat_policy=self.remat_policy, scan_layers=self.scan_layers, ln_eps=self.ln_eps,
+              attention_impl=self.attention_impl,
               gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu)
     self.img = make_vit(self.image_variant, num_classes=0, pool=self.image_pool,
                         pre_norm=self.pre_norm, patch_bias=self.patch_bias, **kw)

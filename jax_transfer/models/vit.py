@@ -126,6 +126,7 @@ class Attention(nn.Module):
   dtype: Dtype
   param_dtype: Dtype
   causal: bool = False  # token i attends to tokens <= i (text tower)
+  attention_impl: str = 'auto'  # see attention_implementation()
 
   @nn.compact
   def __call__(self, x):  # x: [B, N, D] -> [B, N, D]
@@ -138,12 +139,34 @@ class Attention(nn.Module):
                      ('qkv', 'heads', 'kv'), _qkv_init, name='qkv', **kw)(x)  # [B,N,3,H,K]
     q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ('batch', 'length', 'heads', 'kv'))
                for i in range(3))
-    # implementation=None: XLA on CPU/TPU, cuDNN flash attention on GPU when eligible.
     # Softmax runs in f32 inside dot_product_attention even for bf16 inputs.
+    impl = attention_implementation(self.attention_impl, q.dtype, hd)
     y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
-                                     implementation=None)  # [B, N, H, K]
+                                     implementation=impl)  # [B, N, H, K]
     return Projection('bnhk,hkd->bnd', (h, hd, d), ('heads', 'kv', 'embed'), ('embed',),
                       _out_init, name='out', **kw)(y)
+
+
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+
+
+def attention_implementation(choice: str, dtype, head_dim: int) -> str:
+  """model.attention_impl -> jax.nn.dot_product_attention's `implementation`.
+
+  'auto' picks cuDNN's fused (flash) attention on GPU when cuDNN can run it — bf16/fp16
+  inputs and a head dim that is a multiple of 8 up to 128 — and XLA's otherwise (CPU, TPU,
+  f32 on GPU). jax's own default (None) is always XLA, so 'auto' is what makes the fused
+  kernel reachable. 'cudnn' forces it (an error off GPU), 'xla' forces the plain path. TPU: XLA's
+  fused attention; a Pallas splash-attention path is not wired in (it needs shard_map around
+  the kernel and could not be tested here)."""
+  if choice not in ATTENTION_IMPLS:
+    raise ValueError(f'Unknown attention_impl {choice!r}; allowed: {ATTENTION_IMPLS}')
+  if choice != 'auto':
+    return choice
+  eligible = (jax.default_backend() == 'gpu' and
+              jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and
+              head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if eligible else 'xla'
 
 
 def ln(name, dtype, param_dtype, epsilon=1e-6):
@@ -187,13 +210,15 @@ class Block(nn.Module):
   gelu_approximate: bool = True
   quick_gelu: bool = False
   causal: bool = False
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = False):  # `train` positional: static under nn.remat
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = nn.Dropout(self.dropout, deterministic=not train)
     x = nn.with_logical_constraint(x, ACT)
-    attn = Attention(self.num_heads, causal=self.causal, name='attn', **kw)
+    attn = Attention(self.num_heads, causal=self.causal, attention_impl=self.attention_impl,
+                     name='attn', **kw)
     x = x + drop(attn(ln('ln_1', epsilon=self.ln_eps, **kw)(x)))
     mlp = MLP(self.mlp_dim, self.dropout, gelu_approximate=self.gelu_approximate,
               quick_gelu=self.quick_gelu, name='mlp', **kw)
@@ -302,6 +327,7 @@ class ViT(nn.Module):
   remat: bool = False
   remat_policy: str = 'nothing_saveable'  # any name in jax.checkpoint_policies
   scan_layers: bool = False  # nn.scan over blocks: stacked params, one compiled block
+  attention_impl: str = 'auto'  # 'auto' (cuDNN fused on GPU for bf16) | 'xla' | 'cudnn'
   head_zero_init: bool = True
   representation_size: Optional[int] = None
   # open_clip parity (see the module docstring); defaults are big_vision's.
@@ -345,7 +371,8 @@ class ViT(nn.Module):
     x = encoder_blocks(x, train, depth=self.depth, scan=self.scan_layers, remat=self.remat,
                        remat_policy=self.remat_policy, mlp_dim=self.mlp_dim,
                        num_heads=self.num_heads, dropout=self.dropout, ln_eps=self.ln_eps,
-                       gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu, **kw)
+                       gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
+                       attention_impl=self.attention_impl, **kw)
     x = ln('encoder_norm', epsilon=self.ln_eps, **kw)(x)
     aux = {'tokens': x}
 
