@@ -49,8 +49,12 @@ def latest_step(workdir: str) -> int | None:
   try:
     names = os.listdir(_ckpt_dir(workdir))
   except FileNotFoundError:
-    return None
-  return max((int(n) for n in names if n.isdigit()), default=None)
+    names = []
+  step = max((int(n) for n in names if n.isdigit()), default=-1)
+  if jax.process_count() > 1:  # One answer for all hosts, whatever their caches show.
+    from jax.experimental import multihost_utils
+    step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
+  return None if step < 0 else step
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, force=False) -> bool:

@@ -112,7 +112,7 @@ INSTALL_GCSFUSE = (
     f" /usr/share/keyrings/cloud.google.asc >/dev/null; {APT} update; {APT} install gcsfuse; fi")
 MOUNT = ("if ! mountpoint -q /mnt/gcs/my-bucket; then sudo mkdir -p /mnt/gcs/my-bucket;"
          " sudo chown \"$(id -u):$(id -g)\" /mnt/gcs/my-bucket; gcsfuse --implicit-dirs"
-         " --rename-dir-limit=1000000 my-bucket /mnt/gcs/my-bucket; fi")
+         " --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 my-bucket /mnt/gcs/my-bucket; fi")
 
 
 def test_setup_mounts_the_bucket_and_installs_the_pinned_jax_on_every_worker(env):
@@ -179,7 +179,7 @@ esac
       f"{APT} update", f"{APT} install gcsfuse",
       "mountpoint -q /mnt/gcs/my-bucket", "sudo mkdir -p /mnt/gcs/my-bucket",
       f"sudo chown {uid_gid} /mnt/gcs/my-bucket",
-      "gcsfuse --implicit-dirs --rename-dir-limit=1000000 my-bucket /mnt/gcs/my-bucket",
+      "gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 my-bucket /mnt/gcs/my-bucket",
       "setup_env.sh"]
   assert (state / "gcsfuse.list").read_text() == (
       "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt"
@@ -190,7 +190,7 @@ esac
   assert run_setup() == [
       "mountpoint -q /mnt/gcs/my-bucket", "sudo mkdir -p /mnt/gcs/my-bucket",
       f"sudo chown {uid_gid} /mnt/gcs/my-bucket",
-      "gcsfuse --implicit-dirs --rename-dir-limit=1000000 my-bucket /mnt/gcs/my-bucket",
+      "gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 my-bucket /mnt/gcs/my-bucket",
       "setup_env.sh"]
 
 

@@ -52,9 +52,11 @@ install+="; $apt_get update; $apt_get install gcsfuse; fi"
 # (jax_transfer/checkpoint.py), moves it aside to <step>.damaged and resumes from the previous
 # checkpoint; a multi-host run stops with the restore error instead (its hosts could disagree),
 # and the damaged checkpoints/<step> must be moved aside by hand before relaunching.
+# --metadata-cache-ttl-secs=0: every host sees a checkpoint another host just published (the
+# default caches listings for a minute); process 0's view decides the resume step anyway.
 mnt=$(quote "$GCS_MOUNT/$OPT_BUCKET")
 mount="if ! mountpoint -q $mnt; then sudo mkdir -p $mnt; sudo chown \"\$(id -u):\$(id -g)\" $mnt"
-mount+="; gcsfuse --implicit-dirs --rename-dir-limit=1000000 $(quote "$OPT_BUCKET") $mnt; fi"
+mount+="; gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 $(quote "$OPT_BUCKET") $mnt; fi"
 
 # setup_env.sh makes the .venv with `python3 -m venv` unless one exists. The TPU images' python3
 # is 3.10 and the project needs >= 3.11, so the .venv comes from uv, which downloads a Python
