@@ -148,3 +148,50 @@ def test_meta_training_through_shared_loop(data_dir, tmp_path):
   _, final = train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:8])
   assert set(final) >= {"icl/seen/acc_k0", "icl/unseen/acc_k15", "icl/unseen/acc_mean"}
   assert (tmp_path / "icl_curves.png").exists() and (tmp_path / "icl_curves.json").exists()
+
+
+def test_resample_sequences_validation(data_dir):
+  from jax_transfer import config as config_lib
+  for value, match in ((-1, "resample_sequences=-1 must be >= 0"),
+                       (8, "needs >= icl.seq_len=16 base examples")):
+    c = _config(data_dir, resample_sequences=value)
+    if value > 0:
+      c.input.global_batch_size = 16
+      c.grad_accum_steps = 2  # 8 examples per microbatch < seq_len
+    with pytest.raises(config_lib.ConfigError, match=match):
+      ICL.validate_config(c)
+  c = _config(data_dir, resample_sequences=3)
+  mesh = parallel.make_mesh(c.mesh, jax.devices()[:2])
+  with pytest.raises(config_lib.ConfigError, match="multiple of the data-parallel size 2"):
+    ICL(c, mesh)
+
+
+def test_resample_sequences_draws_distinct_batch_examples(data_dir):
+  """icl.resample_sequences=R: R sequences per step, each seq_len distinct examples of the
+  (host) batch, with the usual token layout; loss at init is still ln C."""
+  c, method, batch = _method_and_batch(data_dir, resample_sequences=24)
+  n = batch["y"].shape[0]
+  # Example i carries i + 1 in feature 0 only: its projection has norm (i + 1) * ||A[0]||, so
+  # within a sequence (one A) equal norms mean the same example.
+  marked = {"x": np.zeros_like(batch["x"]), "y": batch["y"]}
+  marked["x"][:, 0] = np.arange(1, n + 1)
+  tokens, targets = method.sequences(marked, jax.random.key(3))
+  assert tokens.shape == (24, c.icl.seq_len, 64 + 10) and targets.shape == (24, c.icl.seq_len)
+  norms = np.linalg.norm(np.asarray(tokens[..., :64]), axis=-1)
+  ratios = norms / norms[:, :1]
+  for row in np.round(ratios * 1e3):
+    assert len(set(row)) == c.icl.seq_len  # distinct within a sequence
+  labels = np.asarray(tokens[..., 64:])
+  np.testing.assert_array_equal(labels[:, 0], 0)
+  np.testing.assert_array_equal(labels[:, 1:].argmax(-1), np.asarray(targets)[:, :-1])
+  params = jax.tree.map(lambda p: getattr(p, "value", p), method.init_params(jax.random.key(0)))
+  loss, _ = method.loss_fn(params, None, batch, jax.random.key(1))
+  assert float(loss) == pytest.approx(math.log(10), abs=1e-3)
+
+
+def test_gen_config_is_valid():
+  from jax_transfer import config as config_lib
+  c = digits_gpicl.get_config("gen,tasks=64")
+  config_lib.validate(c, num_devices=1)
+  assert c.icl.resample_sequences == 128 and c.input.image_size == 4
+  assert c.model.num_classes == len(c.input.classes) == 5

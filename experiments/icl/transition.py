@@ -3,13 +3,16 @@ the same learner at a fixed budget on pools of 2^k tasks (and unlimited tasks), 
 accuracy on seen tasks (pool tasks, test-split digits) with unseen tasks (fresh projections and
 permutations). Memorisation: seen >> unseen; generalisation: seen ~= unseen >> chance.
 
-Shrunken setting (stated in README.md): digits 0-4 (5-way tasks, so chance is 0.2 and the
-loss plateau at ln 5 is shorter), sequences of 32, 32 sequences per step, Transformer width 64,
-depth 2, 4 heads, `--steps` steps per point.
+Shrunken setting (stated in README.md): digits 0-4 (5-way tasks, chance 0.2) resized 8x8 -> 4x4
+(16 features; the ln 5 plateau at 64 features outlasts a CPU budget), sequences of 32,
+128 sequences per step drawn on device from 256 base examples (icl.resample_sequences),
+Transformer width 64, depth 2, 4 heads, lr 1e-3, `--steps` steps per point.
 
-  python experiments/icl/transition.py --out=workdirs/icl_transition --steps=500 \
+  python experiments/icl/transition.py --out=workdirs/icl_transition_v2 --steps=1500 \
       --tasks=4,16,64,256,1024,4096,16384,65536,0   (0 = unlimited)
-  --lstm (the LSTM learner), --fixed=F (plateau intervention), --sequences=S (batch size)
+  --lstm (the LSTM learner), --fixed=F (plateau intervention), --sequences=S (sequences per
+  step), --image_size=0 (8x8, 64 features), --no_resample (cut the base batch into
+  consecutive sequences: with --image_size=0 --sequences=32 --lr=2e-3 the first sweep)
 Writes <out>/transition.{md,json,png} and one workdir per point (<out>/tasks_<n>[_...]/, with
 its icl_curves.png); points already in <out>/transition.json are skipped (resumable).
 """
@@ -19,7 +22,8 @@ import os
 import time
 
 
-def run_point(num_tasks, steps, out, final_datasets, lstm=False, fixed=0.0, sequences=32):
+def run_point(num_tasks, steps, out, final_datasets, lstm=False, fixed=0.0, sequences=128,
+              image_size=4, resample=True, batch_examples=256, lr=1e-3):
   from jax_transfer import train
   from ml_collections_configs.icl import digits_gpicl
   c = digits_gpicl.get_config(f"tasks={num_tasks}" + (",lstm" if lstm else ""))
@@ -27,15 +31,20 @@ def run_point(num_tasks, steps, out, final_datasets, lstm=False, fixed=0.0, sequ
   c.eval_every_steps = steps  # meta-test once, at the end
   c.checkpoint_every_steps = steps
   c.log_every_steps = 100
-  c.optimizer.lr = 2e-3
+  c.optimizer.lr = lr
   c.input.classes = (0, 1, 2, 3, 4)
   c.model.num_classes = 5
+  c.input.image_size = image_size or None  # 4: digits 8x8 -> 4x4 = 16 features
   c.icl.fixed_task_fraction = fixed
-  c.input.global_batch_size = sequences * c.icl.seq_len
+  if resample:  # `sequences` sequences drawn on device from `batch_examples` base examples
+    c.input.global_batch_size = batch_examples
+    c.icl.resample_sequences = sequences
+  else:  # the batch cut into `sequences` consecutive sequences (the first sweep)
+    c.input.global_batch_size = sequences * c.icl.seq_len
   c.icl.unseen_datasets = final_datasets
   workdir = os.path.join(out, f"tasks_{num_tasks}" + ("_lstm" if lstm else "")
                          + (f"_fixed{fixed}" if fixed else "")
-                         + (f"_batch{sequences}" if sequences != 32 else ""))
+                         + (f"_batch{sequences}" if sequences != 128 else ""))
   t = time.time()
   _, final = train.train_and_evaluate(c, workdir)
   return final, time.time() - t
@@ -49,14 +58,22 @@ def main():
   p.add_argument("--datasets", default="wine,iris,breast_cancer,shapes_captions:size")
   p.add_argument("--lstm", action="store_true", help="the LSTM learner instead")
   p.add_argument("--fixed", type=float, default=0.0, help="icl.fixed_task_fraction")
-  p.add_argument("--sequences", type=int, default=32, help="sequences per batch")
+  p.add_argument("--sequences", type=int, default=128, help="sequences per step")
+  p.add_argument("--image_size", type=int, default=4,
+                 help="digits resized to SxS (4: 16 features); 0 = 8x8 (64 features)")
+  p.add_argument("--no_resample", action="store_true",
+                 help="cut the base batch into consecutive sequences (the first sweep) "
+                      "instead of icl.resample_sequences")
+  p.add_argument("--batch_examples", type=int, default=256,
+                 help="base examples per step when resampling")
+  p.add_argument("--lr", type=float, default=1e-3)
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
   datasets = tuple(d for d in args.datasets.split(",") if d)
   rows = []
   path = os.path.join(args.out, "transition.json")
   tag = (("lstm" if args.lstm else "transformer") + (f"+fixed{args.fixed}" if args.fixed else "")
-         + (f"+batch{args.sequences}" if args.sequences != 32 else ""))
+         + (f"+batch{args.sequences}" if args.sequences != 128 else ""))
   if os.path.exists(path):  # Resume a partly done sweep.
     rows = json.load(open(path))
   done = {(r["num_tasks"], r.get("learner", "transformer")) for r in rows}
@@ -64,7 +81,8 @@ def main():
     if (n, tag) in done:
       continue
     final, wall = run_point(n, args.steps, args.out, datasets, args.lstm, args.fixed,
-                            args.sequences)
+                            args.sequences, args.image_size, not args.no_resample,
+                            args.batch_examples, args.lr)
     rows.append({"num_tasks": n, "learner": tag, "wall_s": round(wall, 1), **final})
     json.dump(rows, open(path, "w"), indent=1)
     print(f"tasks={n or 'unlimited'} wall={wall:.0f}s seen={final['icl/seen/acc_mean']:.3f} "
@@ -99,11 +117,14 @@ def write_report(rows, out, datasets):
   xs = [r["num_tasks"] or 2 ** 18 for r in rows]  # unlimited drawn at 2^18
   fig, ax = plt.subplots(figsize=(6, 4))
   for key, label in (("seen", "seen tasks"), ("unseen", "unseen tasks")):
-    ax.plot(xs, [r[f"icl/{key}/acc_mean"] for r in rows], "o-", label=label)
+    ax.plot(xs, [r[f"icl/{key}/acc_mean"] for r in rows], "o-", label=label + " (mean over k)")
+  ax.plot(xs, [r["icl/unseen/acc_k31"] for r in rows], "s--", color="C1", alpha=0.6,
+          label="unseen tasks, k = 31")
   ax.axhline(0.2, color="gray", ls=":", label="chance")
   ax.set_xscale("log", base=2)
+  ax.set_ylim(0, 1.02)
   ax.set_xlabel("number of meta-training tasks (2^18 = unlimited)")
-  ax.set_ylabel("meta-test accuracy (mean over 0..31 examples)")
+  ax.set_ylabel("meta-test accuracy")
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out, "transition.png"), dpi=100)

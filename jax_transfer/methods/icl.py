@@ -15,6 +15,12 @@ config.icl:
   fixed_task_fraction  share of every batch from one fixed task (plateau intervention)
   model_dim            D of the projected inputs; 0 = the base dataset's feature count (the
                        paper's square A)
+  resample_sequences   0: the (micro)batch of base examples is cut into consecutive sequences
+                       of seq_len. R > 0: R sequences per (micro)batch, each seq_len examples
+                       drawn at random (distinct within a sequence) from that batch on device
+                       -- many sequences per step from a cheap host batch (the larger batches
+                       of sequences that shorten the loss plateau; on 2 CPU cores the grain
+                       pipeline, not the learner, bounds the examples per step)
   stats_examples       train examples used for the z-normalisation constants
   eval_sequences, eval_seed, unseen_datasets, baseline_sequences: meta-testing
                        (evaluators/icl_curves.py)
@@ -28,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jax_transfer import config as config_lib, data, models
+from jax_transfer import config as config_lib, data, models, parallel
 from jax_transfer.data import icl_tasks
 from jax_transfer.evaluators import icl_curves
 from jax_transfer.methods.base import Method
@@ -39,6 +45,7 @@ LEARNERS = ("seq_transformer", "seq_lstm")
 def default_icl_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       seq_len=32, num_tasks=0, task_seed=0, fixed_task_fraction=0.0, model_dim=0,
+      resample_sequences=0,
       stats_examples=10_000, eval_sequences=64, eval_seed=12345,
       unseen_datasets=("wine", "iris", "breast_cancer", "shapes_captions:shape"),
       baseline_sequences=16))
@@ -64,9 +71,16 @@ class ICL(Method):
       raise err(f"model_name={config.model_name!r}: method icl needs one of {LEARNERS}")
     if c.seq_len < 2:
       raise err(f"icl.seq_len={c.seq_len} must be >= 2")
-    if config.input.global_batch_size % (c.seq_len * config.grad_accum_steps):
+    if (not c.resample_sequences
+        and config.input.global_batch_size % (c.seq_len * config.grad_accum_steps)):
       raise err(f"input.global_batch_size={config.input.global_batch_size} must be a multiple "
                 f"of icl.seq_len={c.seq_len} times grad_accum_steps (whole sequences)")
+    if c.resample_sequences < 0:
+      raise err(f"icl.resample_sequences={c.resample_sequences} must be >= 0 (0 = off)")
+    micro = config.input.global_batch_size // config.grad_accum_steps
+    if c.resample_sequences and micro < c.seq_len:
+      raise err(f"icl.resample_sequences needs >= icl.seq_len={c.seq_len} base examples per "
+                f"(micro)batch, got {micro}")
     if c.num_tasks < 0:
       raise err(f"icl.num_tasks={c.num_tasks} must be >= 0 (0 = unlimited)")
     if not 0 <= c.fixed_task_fraction < 1:
@@ -87,6 +101,11 @@ class ICL(Method):
     self.num_classes = config.model.num_classes
     self.feature_count = feature_count(config.input)
     self.model_dim = self.icl.model_dim or self.feature_count
+    dp = parallel.data_parallel_size(mesh) if mesh is not None else 1
+    if self.icl.resample_sequences % dp:
+      raise config_lib.ConfigError(
+          f"icl.resample_sequences={self.icl.resample_sequences} must be a multiple of the "
+          f"data-parallel size {dp}")
     # z-normalisation constants from the training split, fixed for the run (and for meta-test).
     x, _ = icl_curves.load_split(config.input, config.input.train_split,
                                  limit=self.icl.stats_examples)
@@ -101,10 +120,18 @@ class ICL(Method):
     return self.model.init({"params": rng}, tokens)["params"]
 
   def sequences(self, batch, rng):
-    """Batch of base examples [B*L, ...] -> tokens [B, L, D+C], targets [B, L]."""
+    """Batch of base examples [N, ...] -> tokens [B, L, D+C], targets [B, L]: B = N / L
+    consecutive sequences, or B = icl.resample_sequences drawn from the N examples."""
     length = self.icl.seq_len
-    x = batch["x"].reshape(-1, length, batch["x"].shape[-1])
-    y = batch["y"].reshape(-1, length)
+    if self.icl.resample_sequences:
+      rng, idx_rng = jax.random.split(rng)
+      n = batch["y"].shape[0]
+      idx = jax.vmap(lambda k: jax.random.choice(k, n, (length,), replace=False))(
+          jax.random.split(idx_rng, self.icl.resample_sequences))  # [R, L]
+      x, y = batch["x"][idx], batch["y"][idx]
+    else:
+      x = batch["x"].reshape(-1, length, batch["x"].shape[-1])
+      y = batch["y"].reshape(-1, length)
     x = nn.with_logical_constraint(x, ("batch", "length", None))
     keys = icl_tasks.sequence_task_keys(rng, x.shape[0], jax.random.key(self.icl.task_seed),
                                         self.icl.num_tasks, self.icl.fixed_task_fraction)
