@@ -148,21 +148,45 @@ def _snapshot(path):
   return out
 
 
+class _Compiles:
+  """Records XLA compilations (and compilations served by the persistent cache) in a block."""
+
+  def __enter__(self):
+    self.events = []
+    monitoring.register_event_duration_secs_listener(self._duration)
+    monitoring.register_event_listener(self._event)
+    return self
+
+  def _duration(self, event, duration, **kwargs):
+    if event == dispatch.BACKEND_COMPILE_EVENT:
+      self.events.append(event)
+
+  def _event(self, event, **kwargs):
+    if event == "/jax/compilation_cache/compile_requests_use_cache":
+      self.events.append(event)
+
+  def __exit__(self, *exc):
+    monitoring.unregister_event_duration_listener(self._duration)
+    monitoring.unregister_event_listener(self._event)
+
+
+def test_the_compile_detector_sees_a_good_run_compile(data_dir, tmp_path):
+  c = tiny_vit_config(data_dir)
+  c.total_steps = 1
+  with _Compiles() as compiles:
+    train.train_and_evaluate(c, str(tmp_path / "w"), devices=jax.devices())
+  assert compiles.events
+
+
 @pytest.mark.parametrize("name,make,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_before_compiling_and_writes_nothing(data_dir, tmp_path, trained,
                                                                      name, make, message):
   config, workdir = make(data_dir, tmp_path, trained)
   before = _snapshot(workdir)
-  compiles = []
-  def listener(event, duration, **kwargs):
-    if event == dispatch.BACKEND_COMPILE_EVENT:
-      compiles.append(event)
-  monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with _Compiles() as compiles:
     with pytest.raises(config_lib.ConfigError, match=message) as err:
       train.train_and_evaluate(config, workdir, devices=jax.devices())
-  finally:
-    monitoring.unregister_event_duration_listener(listener)
+  compiles = compiles.events
   assert "\n" not in str(err.value)
   assert not compiles, f"{name}: compiled before refusing"
   assert _snapshot(workdir) == before, f"{name}: changed the workdir"
