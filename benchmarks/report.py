@@ -30,6 +30,16 @@ def machine_line(versions: str, load: tuple) -> str:
           f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. Date: {datetime.date.today().isoformat()}.")
 
 
+def accelerator_line(devices, versions: str, load: tuple, extra: str = "") -> str:
+  """machine_line for runs on accelerators: the device kind and count (`jax.devices()`),
+  the host's CPU cores, versions, load and date. `extra` (e.g. the XLA_FLAGS) is appended."""
+  kinds = sorted({d.device_kind for d in devices})
+  return (f"Machine: {len(devices)} x {', '.join(kinds)} ({devices[0].platform}), host "
+          f"{os.cpu_count()} CPU cores ({cpu_model()}); {versions}. Load average at start "
+          f"(1/5/15 min): {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. "
+          f"Date: {datetime.date.today().isoformat()}." + (f" {extra}" if extra else ""))
+
+
 def write_section(path, title: str, section: str) -> None:
   """Replaces the section starting with the line `title` (up to the next '## ' heading) by
   `section` (which starts with that title), keeping every other section; appends it when

@@ -214,6 +214,45 @@ def test_worker_processes_match_in_process(data_dir):
   _assert_batches_equal(got, want)
 
 
+def test_every_epoch_visits_each_index_once_in_a_new_order():
+  """Batches of 20 over 50 indices straddle epoch boundaries; the stream is still whole
+  epochs, each a permutation, and the orders differ."""
+  idx = np.arange(100, 150)
+  ds = pipeline._ShuffledBatches(idx, seed=5, process_index=0, process_count=1,
+                                 per_process_batch=20)
+  epochs = np.concatenate([ds[s] for s in range(10)]).reshape(4, 50)
+  for e in epochs:
+    np.testing.assert_array_equal(np.sort(e), idx)
+  assert len({e.tobytes() for e in epochs}) == 4
+
+
+@pytest.mark.parametrize('dataset,overrides', [
+    ('digits', dict(classes=(7, 2))),
+    ('shapes_captions', dict(image_size=16, label_key='shape'))])
+def test_batched_preprocessing_equals_per_example(data_dir, monkeypatch, dataset,
+                                                  overrides):
+  """Both batch paths, the in-memory table of a small split and record-by-record reading,
+  give exactly the per-example Preprocess values, stacked (same dtypes too)."""
+  cfg = _cfg(data_dir, dataset, **overrides)
+  source = pipeline.get_source(dataset, 'train', data_dir)
+  idx = pipeline.select_indices(cfg, 'train', few_shot=False)[::7][:40][::-1]
+  examples = [pipeline.Preprocess(source, cfg)(i) for i in idx]
+  want = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  cached = pipeline.PreprocessBatch(source, cfg, record_bytes=1)
+  monkeypatch.setattr(pipeline, 'CACHE_MAX_BYTES', 0)
+  streamed = pipeline.PreprocessBatch(source, cfg, record_bytes=1)
+  assert cached.cached and not streamed.cached
+  for make in (cached, streamed):
+    got = make(idx)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+      if want[k].dtype.kind == 'U':  # Width: the longest caption of the batch or split.
+        assert got[k].dtype.kind == 'U', k
+      else:
+        assert got[k].dtype == want[k].dtype, k
+
+
 # ----------------------------------------------------------------------------
 # Eval iterator
 # ----------------------------------------------------------------------------

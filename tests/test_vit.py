@@ -138,3 +138,17 @@ def test_attention_implementation_choice():
   assert attention_implementation("xla", jnp.bfloat16, 64) == "xla"
   with pytest.raises(ValueError, match="Unknown attention_impl 'flash'"):
     attention_implementation("flash", jnp.float32, 64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_matches_dot_product_attention(causal):
+  """The einsum attention used on CPU gives jax.nn.dot_product_attention's values and
+  gradients (f32), with and without the causal mask."""
+  from jax_transfer.models.vit import cpu_attention
+  q, k, v, ct = (jax.random.normal(key, (3, 7, 2, 8))
+                 for key in jax.random.split(jax.random.key(0), 4))
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  ours = lambda q, k, v: cpu_attention(q, k, v, causal)
+  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=1e-6)
+  for g, g_ref in zip(jax.vjp(ours, q, k, v)[1](ct), jax.vjp(ref, q, k, v)[1](ct)):
+    np.testing.assert_allclose(g, g_ref, atol=1e-5)

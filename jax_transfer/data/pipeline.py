@@ -3,7 +3,10 @@
 Reading is random access (`tfds.data_source`, array_record), so the whole
 pipeline is a grain `MapDataset` over record indices: shuffling, per-process
 slicing and label filtering are index arithmetic, and the iterator state is
-just a position (JSON-serialisable; it goes into the checkpoint).
+just a position (JSON-serialisable; it goes into the checkpoint). Training
+batches are built whole (index arithmetic and preprocessing vectorised per
+batch; see _ShuffledBatches and PreprocessBatch), because per-element work in
+Python costs more than a small model's step.
 
 Model inputs (one example; batches add a leading [B] axis):
   image: float32 [H, W, C] in [-1, 1]
@@ -15,6 +18,8 @@ Model inputs (one example; batches add a leading [B] axis):
 from __future__ import annotations
 
 import functools
+import sys
+import threading
 
 from absl import flags
 import grain
@@ -187,7 +192,13 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 class Preprocess:
-  """Record index -> model-input dict (see module docstring)."""
+  """Record index -> model-input dict (see module docstring).
+
+  Two stages, so that batches can run the second one vectorised (PreprocessBatch):
+  `record(i)` reads and decodes record i (image as stored, resized to image_size; label
+  remapped), `normalise(columns)` maps pixels to [-1, 1], elementwise, for one example or a
+  batch alike.
+  """
 
   def __init__(self, source, input_cfg):
     self.source = source
@@ -203,18 +214,22 @@ class Preprocess:
     self.caption_key = input_cfg.get('caption_key') or 'caption'
 
   def __call__(self, index) -> dict:
+    return self.normalise(self.record(index))
+
+  def record(self, index) -> dict:
+    """Record `index`, decoded: image [H, W, C] as stored (uint8), label int32 (-1 for a
+    class outside input.classes), caption str, shapes_captions' attributes int32."""
     ex = self.source[int(index)]
     image = np.asarray(ex['image'])
     if image.ndim == 2:
       image = image[..., None]
     if self.image_size and image.shape[:2] != (self.image_size,) * 2:
       image = _resize(image, self.image_size)
-    out = {'image': image.astype(np.float32) / 127.5 - 1.0}
+    out = {'image': image}
     if self.label_key in ex:  # Image-text data (shapes_captions) may have no 'label'.
       label = int(ex[self.label_key])
-      if self.remap is not None:
-        label = int(self.remap[label])
-        assert label >= 0, 'index selection must have dropped other classes'
+      if self.remap is not None:  # Classes outside input.classes (beyond the table too): -1.
+        label = int(self.remap[label]) if label < len(self.remap) else -1
       out['label'] = np.int32(label)
     caption = nested_get(ex, self.caption_key)
     if caption is not None:
@@ -225,6 +240,124 @@ class Preprocess:
       if key in ex:
         out[key] = np.int32(ex[key])
     return out
+
+  @staticmethod
+  def normalise(columns: dict) -> dict:
+    """Pixels -> float32 in [-1, 1]; the other columns as they are. Elementwise, so one
+    example and a stacked batch give the same values."""
+    out = dict(columns, image=columns['image'].astype(np.float32) / 127.5 - 1.0)
+    if 'label' in out:
+      assert np.all(out['label'] >= 0), 'index selection must have dropped other classes'
+    return out
+
+
+# Splits whose decoded records take at most this many bytes are decoded once and kept in
+# memory (PreprocessBatch): the embedded digits (86 KB) and shapes_captions (31 MB) are;
+# ImageNet-size splits are not.
+CACHE_MAX_BYTES = 512 * 2**20
+
+
+class PreprocessBatch:
+  """Record indices int [b] -> model-input batch (each column with a leading [b] axis):
+  the values of stacking Preprocess(i) for every i, computed per batch.
+
+  Reading and decoding one record is tens of microseconds of Python (tfds deserialisation),
+  far more than a small model's step spends per example: digits_gpicl's step consumes 1024
+  records in ~18 ms, and the per-record pipeline took ~130 ms for them
+  (benchmarks/RESULTS.md, "Input pipeline vs step"). So a split of at most CACHE_MAX_BYTES
+  (`record_bytes` per record, estimated by the caller) is decoded once, on first use, into
+  one array per column, and a batch is a gather plus one vectorised normalisation. Larger
+  splits are read record by record, as before. Picklable for grain worker processes, each of
+  which then decodes its own copy.
+  """
+
+  def __init__(self, source, input_cfg, record_bytes: int):
+    self.preprocess = Preprocess(source, input_cfg)
+    self.cached = len(source) * record_bytes <= CACHE_MAX_BYTES
+    self._table = None
+    self._lock = threading.Lock()  # Reader threads may ask for the table at once.
+
+  def __getstate__(self):
+    return dict(self.__dict__, _table=None, _lock=None)
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def _columns(self, indices) -> dict:
+    records = [self.preprocess.record(i) for i in indices]
+    return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+  def _table_columns(self) -> dict:
+    with self._lock:
+      if self._table is None:
+        self._table = self._columns(range(len(self.preprocess.source)))
+    return self._table
+
+  def __call__(self, indices) -> dict:
+    indices = np.asarray(indices)
+    if self.cached:
+      columns = {k: v[indices] for k, v in self._table_columns().items()}
+    else:
+      columns = self._columns(indices)
+    return Preprocess.normalise(columns)
+
+
+def _record_bytes(input_cfg) -> int:
+  """Memory of one decoded record: its image as uint8 (after image_size) plus 256 bytes
+  for the label, caption and attributes."""
+  h, w, c = image_shape(input_cfg)
+  return h * w * c + 256
+
+
+class _ShuffledBatches(grain.MapDataset):
+  """Element `step` = this process's record indices int64 [b] of global batch `step`, from
+  an endless stream that visits every index in `indices` once per epoch, in a fresh order
+  each epoch.
+
+  Global element k is indices[perm_e[k % N]], e = k // N, where perm_e is a permutation of
+  range(N) drawn from (seed, e) (numpy PCG64), identical on every process. Process p of P
+  takes elements step * B + p * b + j, j < b, b = B / P: concatenating the process batches
+  in process order reproduces the 1-process global batch exactly (as _ProcessSlice). One
+  permutation per epoch and a gather per batch: grain's per-element shuffle + slicing cost
+  ~60 us per element, more than digits_gpicl's step takes for a batch of 1024.
+  """
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, indices: np.ndarray, seed: int, process_index: int,
+               process_count: int, per_process_batch: int):
+    super().__init__()
+    self._indices = np.asarray(indices, np.int64)
+    self._seed = seed
+    self._p, self._n, self._b = process_index, process_count, per_process_batch
+    self._perms = {}  # epoch -> permutation; the last few only.
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    perm = self._perms.get(epoch)
+    if perm is None:  # Reader threads may both compute it: the same array, harmless.
+      perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._indices))
+      self._perms = {e: v for e, v in self._perms.items() if e >= epoch - 1}
+      self._perms[epoch] = perm
+    return perm
+
+  def __getitem__(self, step):
+    if isinstance(step, slice):
+      return self.slice(step)
+    k = step * self._b * self._n + self._p * self._b + np.arange(self._b, dtype=np.int64)
+    n = len(self._indices)
+    epochs, within = np.divmod(k, n)
+    out = np.empty(self._b, np.int64)
+    for e in np.unique(epochs):  # A batch spans at most a few epochs.
+      sel = epochs == e
+      out[sel] = self._indices[self._perm(int(e))[within[sel]]]
+    return out
+
+  def __str__(self) -> str:
+    return f'ShuffledBatches(p={self._p}/{self._n}, b={self._b})'
 
 
 class _ProcessSlice(grain.MapDataset):
@@ -266,10 +399,11 @@ def _per_process_batch(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _finish(ds: grain.MapDataset, input_cfg, batch: int) -> grain.IterDataset:
-  """Batch, read with threads, and optionally with worker processes."""
-  ds = ds.batch(batch, drop_remainder=True)
-  # Batching before to_iter_dataset: each reader thread builds a whole batch
+def _finish(ds: grain.MapDataset, input_cfg, make_batch) -> grain.IterDataset:
+  """Batches of record indices `ds` -> model-input batches (`make_batch`, vectorised:
+  PreprocessBatch), read with threads, and optionally with worker processes."""
+  ds = ds.map(make_batch)
+  # Batches before to_iter_dataset: each reader thread builds a whole batch
   # and `prefetch` counts batches; more threads than buffer slots would idle.
   prefetch = max(1, input_cfg.get('prefetch', 2))
   ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -295,7 +429,7 @@ def make_train_iterator(input_cfg: ml_collections.ConfigDict, *, seed: int,
 
   Yields dicts of numpy arrays with leading dim
   b = global_batch_size // process_count (e.g. image float32 [b, H, W, C]).
-  Each epoch is reshuffled (grain folds the epoch into the shuffle seed).
+  Each epoch is reshuffled (the epoch is folded into the shuffle seed).
   `it.get_state()` is a JSON-serialisable dict; `it.set_state(s)` resumes
   with exactly the batches that followed the saved state.
   """
@@ -306,26 +440,25 @@ def make_train_iterator(input_cfg: ml_collections.ConfigDict, *, seed: int,
   if len(indices) == 0:
     raise ValueError(f'No training examples left for {input_cfg.dataset}.')
   # Global stream of record indices, identical on every process.
-  # grain shuffles epoch e with seed + e, so seeds s and s+1 would share
-  # epochs; hashing the seed first makes such overlaps vanishingly unlikely.
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-  ds = grain.MapDataset.source(indices).shuffle(seed=shuffle_seed).repeat(None)
-  ds = _ProcessSlice(ds, process_index, process_count, b)
-  ds = ds.map(Preprocess(source, input_cfg))
-  return iter(_finish(ds, input_cfg, b))
+  ds = _ShuffledBatches(indices, shuffle_seed, process_index, process_count, b)
+  return iter(_finish(ds, input_cfg,
+                      PreprocessBatch(source, input_cfg, _record_bytes(input_cfg))))
 
 
-class _EvalElement:
-  """Padded position -> example with `mask`; padding repeats record 0."""
+class _EvalBatch:
+  """Padded positions int [b] -> batch with `mask` bool [b]; padding repeats the first
+  selected record."""
 
-  def __init__(self, preprocess: Preprocess, indices: np.ndarray):
-    self.preprocess, self.indices = preprocess, indices
+  def __init__(self, preprocess_batch: PreprocessBatch, indices: np.ndarray):
+    self.preprocess_batch, self.indices = preprocess_batch, indices
 
-  def __call__(self, position) -> dict:
-    valid = position < len(self.indices)
-    ex = self.preprocess(self.indices[position] if valid else self.indices[0])
-    ex['mask'] = np.bool_(valid)
-    return ex
+  def __call__(self, positions) -> dict:
+    positions = np.asarray(positions)
+    valid = positions < len(self.indices)
+    batch = self.preprocess_batch(self.indices[np.where(valid, positions, 0)])
+    batch['mask'] = valid
+    return batch
 
 
 def make_eval_iterator(input_cfg: ml_collections.ConfigDict, split: str, *,
@@ -347,9 +480,9 @@ def make_eval_iterator(input_cfg: ml_collections.ConfigDict, split: str, *,
   indices = select_indices(input_cfg, split, few_shot=False)
   num_batches = -(-len(indices) // batch_size)  # ceil
   ds = grain.MapDataset.range(num_batches * batch_size)
-  ds = _ProcessSlice(ds, process_index, process_count, b)
-  ds = ds.map(_EvalElement(Preprocess(source, input_cfg), indices))
-  return _finish(ds, input_cfg, b)
+  ds = _ProcessSlice(ds, process_index, process_count, b).batch(b, drop_remainder=True)
+  make_batch = PreprocessBatch(source, input_cfg, _record_bytes(input_cfg))
+  return _finish(ds, input_cfg, _EvalBatch(make_batch, indices))
 
 
 def num_classes(input_cfg: ml_collections.ConfigDict) -> int:

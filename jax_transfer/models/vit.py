@@ -141,10 +141,29 @@ class Attention(nn.Module):
                for i in range(3))
     # Softmax runs in f32 inside dot_product_attention even for bf16 inputs.
     impl = attention_implementation(self.attention_impl, q.dtype, hd)
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
-                                     implementation=impl)  # [B, N, H, K]
+    if impl == 'xla' and jax.default_backend() == 'cpu':
+      y = cpu_attention(q, k, v, self.causal)  # [B, N, H, K]
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
+                                       implementation=impl)  # [B, N, H, K]
     return Projection('bnhk,hkd->bnd', (h, hd, d), ('heads', 'kv', 'embed'), ('embed',),
                       _out_init, name='out', **kw)(y)
+
+
+def cpu_attention(q, k, v, causal: bool):
+  """softmax(q k^T / sqrt(K)) v as two einsums, softmax in f32: q, k, v [B, N, H, K] ->
+  [B, N, H, K]. The XLA path on CPU. jax.nn.dot_product_attention's XLA path computes the
+  same values, but its vmap over head groups (size 1 here) and constants broadcast to the
+  [B, H, N, N] logits make its forward + backward ~2-3x slower on XLA:CPU, where attention
+  is the largest part of the CLIP step (benchmarks/RESULTS.md, 'Where the step time goes').
+  The scale is applied to q ([N, K]) instead of the logits ([N, N])."""
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  logits = jnp.einsum('bqhk,bshk->bhqs', q, k, preferred_element_type=jnp.float32)
+  if causal:
+    n = logits.shape[-1]
+    logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqs,bshk->bqhk', probs, v)
 
 
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
