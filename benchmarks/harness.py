@@ -70,7 +70,6 @@ class TrainStep:
 def build_train_step(config, devices=None, workdir: str | None = None) -> TrainStep:
   """The jitted train step of `config` on `devices` (default: all), built as train.py does."""
   import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from jax_transfer import config as config_lib, methods, optim, parallel, train
 
   devices = list(devices if devices is not None else jax.devices())
@@ -79,14 +78,10 @@ def build_train_step(config, devices=None, workdir: str | None = None) -> TrainS
   rules = parallel.rules_from_config(config.sharding_rules)
   method = methods.get_method(config.method)(config, mesh, workdir)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.total_steps)
-  step_fn = method.train_step or train.make_default_train_step(method, tx, schedule,
-                                                               config.grad_accum_steps)
   state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
   # As train.py on a fresh start: host-loaded method state (a distillation teacher).
   state = state.replace(extra=jax.device_put(method.load_extra(state.extra), state_sh.extra))
-  with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    step = jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+  step = train.jit_train_step(method, tx, schedule, config, state_sh, mesh, rules)
   return TrainStep(step, state, state_sh, method, mesh, rules, config)
 
 
