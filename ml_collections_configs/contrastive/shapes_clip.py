@@ -8,9 +8,9 @@ experiments/contrastive/shapes_demo.py):
   python -m jax_transfer.main --config=ml_collections_configs/contrastive/shapes_clip.py:clip \
     --workdir=/tmp/clip
 Hardware: 2 CPU cores (AMD EPYC), jax 0.10.2 CPU. Measured (`:clip`, 1000 steps of batch 128,
-via experiments/contrastive/shapes_demo.py): 159 s wall on a quiet machine, 252 s loaded;
-held-out zero-shot accuracy shape 0.609 / colour 0.917 / size 0.941 / position 0.995 (chance
-0.167 / 0.125 / 0.5 / 0.111); retrieval R@1 i2t 0.948, t2i 0.967 (chance 0.002). `:align`
+via experiments/contrastive/shapes_demo.py): 187 s wall at load ~2;
+held-out zero-shot accuracy shape 0.631 / colour 0.964 / size 0.936 / position 0.991 (chance
+0.167 / 0.125 / 0.5 / 0.111); retrieval R@1 i2t 0.943, t2i 0.970 (chance 0.002). `:align`
 gives the same to 3 digits; `:siglip` 0.412 / 0.841 / 0.577 / 0.849 at this budget.
 Full tables: experiments/RESULTS.md.
 """
