@@ -22,11 +22,11 @@ Writes/replaces the section "## Contrastive loss: dense vs chunked" of --results
 from __future__ import annotations
 
 import report  # benchmarks/report.py: machine line + RESULTS.md sections
+import harness  # benchmarks/harness.py: median_time
 import argparse
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import time
@@ -64,18 +64,18 @@ def measure(n: int, per_device_batch: int, dim: int, steps: int, warmup: int) ->
       compiled = step.lower(*args).compile()
       compile_s = time.perf_counter() - t0
       mem = compiled.memory_analysis()
-      times = []
-      for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        (loss, _), grads = compiled(*args)
-        jax.block_until_ready((loss, grads))
-        if i >= warmup:
-          times.append(time.perf_counter() - t0)
+      last = {}
+
+      def one():
+        (last["loss"], _), grads = compiled(*args)
+        jax.block_until_ready((last["loss"], grads))
+      timing = harness.median_time(one, warmup, steps)
+      loss = last["loss"]
       rows.append(dict(
           devices=n, loss=name, form="chunked" if chunked else "dense", batch=batch,
           per_device_batch=per_device_batch, dim=dim, loss_value=float(loss),
           temp_bytes=mem.temp_size_in_bytes, argument_bytes=mem.argument_size_in_bytes,
-          ms=1e3 * statistics.median(times), compile_s=compile_s, steps=steps, warmup=warmup))
+          ms=1e3 * timing["median_s"], compile_s=compile_s, steps=steps, warmup=warmup))
   return rows
 
 
@@ -114,13 +114,8 @@ def render(rows: list[dict], command: str, load: tuple, jax_version: str) -> str
           f"| {c['temp_bytes'] / 2**20:.2f} | {d['argument_bytes'] / 2**20:.3f} "
           f"| {c['argument_bytes'] / 2**20:.3f} | {d['ms']:.1f} | {c['ms']:.1f} "
           f"| {d['loss_value']:.6f} / {c['loss_value']:.6f} |")
-  lines += [
-      "",
-      f"Command: `{command}`",
-      "",
-      report.machine_line(f"jax {jax_version}, backend cpu", load),
-      "",
-  ]
+  lines += [""] + report.footer(command,
+                                report.machine_line(f"jax {jax_version}, backend cpu", load))
   return "\n".join(lines)
 
 
@@ -157,13 +152,9 @@ def main():
             f"args {r['argument_bytes'] / 2**20:6.3f} MiB {r['ms']:8.1f} ms", flush=True)
   import importlib.metadata
   jax_version = importlib.metadata.version("jax")
-  command = "python benchmarks/contrastive_loss.py" + "".join(
-      f" --{k.replace('_', '-')} {v}" for k, v in vars(a).items()
-      if k not in ("child", "results") and v != p.get_default(k))
-  section = render(rows, command, load, jax_version)
-  print(section)
-  if a.results:
-    report.write_section(a.results, SECTION, section)
+  command = report.command_line("python benchmarks/contrastive_loss.py", p, a,
+                               ("devices", "per_device_batch", "dim", "steps", "warmup"))
+  report.publish(a.results, SECTION, render(rows, command, load, jax_version))
 
 
 if __name__ == "__main__":

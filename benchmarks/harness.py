@@ -97,3 +97,16 @@ def median_time(fn: Callable[[], Any], warmup: int, steps: int) -> dict:
   s = sorted(times)
   q = lambda f: s[min(len(s) - 1, int(f * len(s)))]
   return dict(median_s=statistics.median(s), p10_s=q(0.1), p90_s=q(0.9), times_s=times)
+
+
+def time_step(step: Callable, state, batch, warmup: int, steps: int) -> tuple[dict, Any, Any]:
+  """median_time of a train step `step(state, batch) -> (state, metrics)` (the state donated,
+  so each call feeds the next), each call blocked on its outputs. Returns (timing, last
+  state, last metrics)."""
+  import jax
+  box = [state, None]
+
+  def one():
+    box[0], box[1] = step(box[0], batch)
+    jax.block_until_ready((box[0], box[1]))
+  return median_time(one, warmup, steps), box[0], box[1]

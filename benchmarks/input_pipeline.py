@@ -160,11 +160,9 @@ def render(rows: list[dict], command: str, load: tuple, note: str) -> str:
         f"| {1e3 * r['pipeline_s']:.2f} | {1 / r['step_s']:,.1f} | {1e3 * r['step_s']:.2f} "
         f"| **{r['step_s'] / r['pipeline_s']:.1f}x** | {1 / r['loop_s']:,.1f} "
         f"| {r['step_s'] / r['loop_s']:.2f} | {r['startup_s']:.2f} |")
-  lines += ["", f"Command: `{command}`", "",
-            report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-                                "grain 0.2.18", load), ""]
-  if note:
-    lines += [note, ""]
+  lines += [""] + report.footer(
+      command, report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}, "
+                                   "grain 0.2.18", load), note)
   return "\n".join(lines)
 
 
@@ -202,14 +200,9 @@ def main():
   # Per config the round whose step was fastest (the least disturbed by other load), all
   # its numbers together.
   rows = [dict(min(runs[n], key=lambda r: r["step_s"]), rounds=a.rounds) for n in names]
-  command = "python benchmarks/input_pipeline.py" + "".join(
-      f" --{k} {v}" for k, v in (("configs", a.configs), ("batches", a.batches),
-                                 ("steps", a.steps), ("rounds", a.rounds))
-      if v != p.get_default(k))
-  section = render(rows, command, load, a.note)
-  print(section)
-  if a.results:
-    report.write_section(a.results, SECTION, section)
+  command = report.command_line("python benchmarks/input_pipeline.py", p, a,
+                               ("configs", "batches", "steps", "rounds"))
+  report.publish(a.results, SECTION, render(rows, command, load, a.note))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ Writes/replaces only the section "## KRR-ST outer step" of --results (others are
 from __future__ import annotations
 
 import report  # benchmarks/report.py: machine line + RESULTS.md sections
+import harness  # benchmarks/harness.py: median_time, time_step
 import argparse
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -74,13 +74,8 @@ def measure(n, g_export, steps):
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
-    times = []
-    for i in range(steps + 2):
-      t = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      if i >= 2:
-        times.append(time.perf_counter() - t)
+    timing, state, metrics = harness.time_step(compiled, state, batch, 2, steps)
+    step_s = timing["median_s"]
   r = np.random.default_rng(1)
   f_t, f_s = jnp.asarray(r.normal(size=(128, 512)), jnp.float32), jnp.asarray(
       r.normal(size=(n, 512)), jnp.float32)
@@ -88,14 +83,10 @@ def measure(n, g_export, steps):
       r.normal(size=(128, 128)), jnp.float32)
   solve = jax.jit(jax.value_and_grad(lambda fs, ys: losses.krr_loss(f_t, fs, ys, y_t)[0],
                                      argnums=(0, 1)))
-  jax.block_until_ready(solve(f_s, y_s))
-  st = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(solve(f_s, y_s))
-    st.append(time.perf_counter() - t)
+  solve_s = harness.median_time(lambda: jax.block_until_ready(solve(f_s, y_s)), 1,
+                                steps)["median_s"]
   mib = lambda b: b / 2 ** 20
-  return dict(n=n, ms=1e3 * statistics.median(times), solve_ms=1e3 * statistics.median(st),
+  return dict(n=n, ms=1e3 * step_s, solve_ms=1e3 * solve_s,
               compile_s=compile_s, temp=mib(mem.temp_size_in_bytes),
               args=mib(mem.argument_size_in_bytes), loss=float(metrics["train/loss"]))
 

@@ -32,12 +32,12 @@ Writes/replaces the section "## Levers: scan, remat, bf16 (CPU)" of --results.
 from __future__ import annotations
 
 import report  # benchmarks/report.py: machine line + RESULTS.md sections
+import harness  # benchmarks/harness.py: time_step
 import argparse
 import json
 import os
 import pathlib
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -144,19 +144,11 @@ def measure_step(lever: str, steps: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(warmup + steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - t0)
+    timing, state, metrics = harness.time_step(compiled, state, batch, warmup, steps)
   loss = float(metrics["train/loss"])
   assert loss == loss, "NaN loss: the benchmark would time garbage"
-  times.sort()
-  q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-  return dict(lever=lever, ms_per_step=1e3 * statistics.median(times), p10_ms=1e3 * q(0.1),
-              p90_ms=1e3 * q(0.9), compile_s=compile_s, final_loss=loss,
+  return dict(lever=lever, ms_per_step=1e3 * timing["median_s"], p10_ms=1e3 * timing["p10_s"],
+              p90_ms=1e3 * timing["p90_s"], compile_s=compile_s, final_loss=loss,
               peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               **_memory(compiled))
 
@@ -226,10 +218,9 @@ def render(compile_rows, step_rows, command: str, load: tuple) -> str:
       "memory is XLA:CPU's buffer assignment, which need not free what the GPU/TPU backends "
       "free; a remat saving seen here is real, a missing one is not evidence against remat on "
       "an accelerator. Remat's recomputation shows in GFLOP and step time.", "",
-      f"Command: `{command}`", "",
-      report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}", load),
-      "",
-  ]
+  ] + report.footer(
+      command, report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}",
+                                   load))
   return "\n".join(lines)
 
 
@@ -278,13 +269,9 @@ def main():
     best.update(round_medians_ms=[x["ms_per_step"] for x in runs[name]], rounds=a.rounds,
                 steps=a.steps, warmup=a.warmup)
     step_rows.append(best)
-  command = "nice -n 5 python benchmarks/levers.py" + "".join(
-      f" --{k} {v}" for k, v in (("steps", a.steps), ("warmup", a.warmup), ("rounds", a.rounds))
-      if v != p.get_default(k))
-  section = render(compile_rows, step_rows, command, load)
-  print(section)
-  if a.results:
-    report.write_section(a.results, SECTION, section)
+  command = report.command_line("nice -n 5 python benchmarks/levers.py", p, a,
+                               ("steps", "warmup", "rounds"))
+  report.publish(a.results, SECTION, render(compile_rows, step_rows, command, load))
 
 
 if __name__ == "__main__":

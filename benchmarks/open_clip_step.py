@@ -29,6 +29,7 @@ XLA's compiled.memory_analysis(). Writes/replaces only the section
 from __future__ import annotations
 
 import report  # benchmarks/report.py: machine line + RESULTS.md sections
+import harness  # benchmarks/harness.py: median_time
 import argparse
 import importlib.util
 import json
@@ -37,7 +38,6 @@ import os
 import pathlib
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -81,16 +81,9 @@ def _max_rss_bytes() -> int:
 
 
 def _timed(step, n_warmup, n_steps):
-  times = []
-  for i in range(n_warmup + n_steps):
-    t0 = time.perf_counter()
-    step()
-    if i >= n_warmup:
-      times.append(time.perf_counter() - t0)
-  times.sort()
-  return dict(ms_per_step=1e3 * statistics.median(times),
-              p10_ms=1e3 * times[int(0.1 * len(times))],
-              p90_ms=1e3 * times[min(len(times) - 1, int(0.9 * len(times)))])
+  t = harness.median_time(step, n_warmup, n_steps)
+  return dict(ms_per_step=1e3 * t["median_s"], p10_ms=1e3 * t["p10_s"],
+              p90_ms=1e3 * t["p90_s"])
 
 
 # ------------------------------------------------------------------------ jax_transfer side.
@@ -214,7 +207,7 @@ def _mib(x):
   return "-" if x is None else f"{x / 2**20:.1f}"
 
 
-def render(rows: dict, command: str, load: tuple, batch: int, notes: list[str]) -> str:
+def render(rows: dict, command: str, load: tuple, batch: int, note: str = "") -> str:
   j, t = rows["jax_transfer"], rows["open_clip"]
   lines = [
       SECTION, "",
@@ -252,13 +245,9 @@ def render(rows: dict, command: str, load: tuple, batch: int, notes: list[str]) 
       f"compile, state), {j['rss_after_compile'] / 2**20:.0f} MiB after compiling the step, "
       f"{j['rss_after_steps'] / 2**20:.0f} MiB after the timed steps.",
       "",
-      f"Command: `{command}`",
-      "",
-      report.machine_line(f"{j['version']}, {t['version']}, open_clip_torch 3.3.0", load),
-      "",
-  ]
-  if notes:
-    lines += notes + [""]
+  ] + report.footer(
+      command, report.machine_line(f"{j['version']}, {t['version']}, open_clip_torch 3.3.0",
+                                   load), note)
   return "\n".join(lines)
 
 
@@ -295,15 +284,10 @@ def main():
     best.update(round_medians_ms=[x["ms_per_step"] for x in rs], rounds=a.rounds,
                 steps=a.steps, warmup=a.warmup)
     rows[best["framework"]] = best
-  command = "python benchmarks/open_clip_step.py" + "".join(
-      f" --{k} {v}" for k, v in (("steps", a.steps), ("warmup", a.warmup),
-                                 ("rounds", a.rounds), ("batch", a.batch))
-      if v != p.get_default(k))
-  notes = pathlib.Path(a.notes).read_text().rstrip("\n").split("\n") if a.notes else []
-  section = render(rows, command, load, a.batch, notes)
-  print(section)
-  if a.results:
-    report.write_section(a.results, SECTION, section)
+  command = report.command_line("python benchmarks/open_clip_step.py", p, a,
+                               ("steps", "warmup", "rounds", "batch"))
+  note = pathlib.Path(a.notes).read_text().rstrip("\n") if a.notes else ""
+  report.publish(a.results, SECTION, render(rows, command, load, a.batch, note))
 
 
 if __name__ == "__main__":

@@ -265,11 +265,9 @@ def render(results: list[dict], ab: dict, ab_rounds: int, command: str, load: tu
     for ms, key, opcode, op_name in r["top"]:
       lines.append(f"| {ms:.2f} | `{key}` | {opcode} | `{op_name}` |")
     lines.append("")
-  lines += [f"Command: `{command}`", "",
-            report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}",
-                                load), ""]
-  if note:
-    lines += [note, ""]
+  lines += report.footer(
+      command, report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}",
+                                   load), note)
   return "\n".join(lines)
 
 
@@ -324,16 +322,10 @@ def main():
     r = results[-1]
     print(f"{n}: {r['wall_ms']:.1f} ms/step wall, {r['thunk_ms']:.1f} ms in thunks; "
           f"unmatched events {r['unmatched']}", flush=True)
-  command = "python benchmarks/profile_step.py" + "".join(
-      f" --{k.replace('_', '-')} {v}" for k, v in (
-          ("configs", a.configs), ("steps", a.steps), ("top", a.top),
-          ("ab_rounds", a.ab_rounds), ("attention", a.attention))
-      if v != p.get_default(k))
+  command = report.command_line("python benchmarks/profile_step.py", p, a,
+                               ("configs", "steps", "top", "ab_rounds", "attention"))
   note = pathlib.Path(a.note).read_text().rstrip("\n") if a.note else ""
-  section = render(results, ab, a.ab_rounds, command, load, note)
-  print(section)
-  if a.results:
-    report.write_section(a.results, SECTION, section)
+  report.publish(a.results, SECTION, render(results, ab, a.ab_rounds, command, load, note))
 
 
 if __name__ == "__main__":

@@ -54,3 +54,24 @@ def write_section(path, title: str, section: str) -> None:
     rest = "" if nxt < 0 else "\n" + text[nxt + 1:]
     text = text[:start] + section.rstrip("\n") + "\n" + rest
   path.write_text(text.rstrip("\n") + "\n")
+
+
+def command_line(script: str, parser, args, names) -> str:
+  """`script` plus ` --name value` for each argparse dest in `names` (in that order) whose
+  value in `args` differs from `parser`'s default, '_' written '-': the command a section
+  names."""
+  return script + "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in names
+                          if getattr(args, k) != parser.get_default(k))
+
+
+def footer(command: str, machine: str, note: str = "") -> list[str]:
+  """The lines that end a section: the command, the machine line and, when given, a note."""
+  return [f"Command: `{command}`", "", machine, ""] + ([note, ""] if note else [])
+
+
+def publish(results, title: str, section: str) -> None:
+  """Prints `section` and, when `results` (a RESULTS.md path) is set, writes it there as the
+  section `title` (write_section)."""
+  print(section)
+  if results:
+    write_section(results, title, section)

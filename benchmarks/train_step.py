@@ -23,13 +23,13 @@ Writes/replaces the section "## Train step (CPU)" of --results (other sections a
 from __future__ import annotations
 
 import report  # benchmarks/report.py: machine line + RESULTS.md sections
+import harness  # benchmarks/harness.py: time_step
 import argparse
 import importlib.util
 import json
 import os
 import pathlib
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -86,21 +86,13 @@ def measure(batch: int, dtype: str, remat: bool, steps: int, warmup: int) -> dic
     compiled = step.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    times = []
-    for i in range(warmup + steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, gbatch)
-      jax.block_until_ready((state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - t0)
+    timing, state, metrics = harness.time_step(compiled, state, gbatch, warmup, steps)
   loss = float(metrics["train/loss"])
   assert loss == loss, "NaN loss: the benchmark would time garbage"
-  times.sort()
-  median = statistics.median(times)
-  q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+  median = timing["median_s"]
   return dict(
       batch=batch, dtype=dtype, remat=remat, steps=steps, warmup=warmup,
-      ms_per_step=1e3 * median, p10_ms=1e3 * q(0.1), p90_ms=1e3 * q(0.9),
+      ms_per_step=1e3 * median, p10_ms=1e3 * timing["p10_s"], p90_ms=1e3 * timing["p90_s"],
       examples_per_s=batch / median, compile_s=compile_s,
       xla_temp_bytes=getattr(mem, "temp_size_in_bytes", None),
       xla_argument_bytes=getattr(mem, "argument_size_in_bytes", None),
@@ -141,13 +133,9 @@ def render(rows: list[dict], command: str, load: tuple) -> str:
         f"| {r['ms_per_step'] / base:.2f}x | {r['examples_per_s']:,.0f} "
         f"| {r['compile_s']:.2f} | {_mib(r['xla_temp_bytes'])} "
         f"| {_mib(r['xla_argument_bytes'])} | {r['peak_rss_bytes'] / 2**20:.0f} |")
-  lines += [
-      "",
-      f"Command: `{command}`",
-      "",
-      report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}", load),
-      "",
-  ]
+  lines += [""] + report.footer(
+      command, report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}",
+                                   load))
   return "\n".join(lines)
 
 
@@ -181,13 +169,9 @@ def main():
     best["round_medians_ms"] = [x["ms_per_step"] for x in runs[v]]
     best["rounds"] = a.rounds
     rows.append(best)
-  command = "python benchmarks/train_step.py" + "".join(
-      f" --{k} {v}" for k, v in (("steps", a.steps), ("warmup", a.warmup), ("rounds", a.rounds))
-      if v != p.get_default(k))
-  section = render(rows, command, load)
-  print(section)
-  if a.results:
-    report.write_section(a.results, SECTION, section)
+  command = report.command_line("python benchmarks/train_step.py", p, a,
+                               ("steps", "warmup", "rounds"))
+  report.publish(a.results, SECTION, render(rows, command, load))
 
 
 if __name__ == "__main__":
