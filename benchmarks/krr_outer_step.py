@@ -63,13 +63,11 @@ def measure(n, g_export, steps):
   method = methods.get_method(c.method)(c, mesh)
   tx, schedule = optim.make_optimizer(c.optimizer, c.schedule, c.total_steps)
   state, sh = train.create_state(method, tx, mesh, rules, jax.random.key(0))
-  step_fn = train.make_default_train_step(method, tx, schedule, 1)
   batch = parallel.global_batch(
       {"image": np.random.default_rng(0).uniform(-1, 1, (128, 32, 32, 3)).astype(np.float32)},
       mesh)
   with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    jitted = jax.jit(step_fn, in_shardings=(sh, parallel.batch_sharding(mesh)),
-                     donate_argnums=0)
+    jitted = train.jit_train_step(method, tx, schedule, c, sh, mesh, rules)
     t = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t

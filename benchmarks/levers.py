@@ -62,7 +62,6 @@ def _build(model_kwargs: dict, image_shape: tuple, batch: int):
   """(jitted step, method, tx, mesh, rules, batch sharding) as train.py builds them."""
   import jax
   import ml_collections
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from jax_transfer import config as config_lib, optim, parallel, train
   from jax_transfer.methods.base import Method
   from jax_transfer.methods.supervised import Supervised, build_model
@@ -83,21 +82,16 @@ def _build(model_kwargs: dict, image_shape: tuple, batch: int):
   rules = parallel.rules_from_config(c.sharding_rules)
   method = SyntheticSupervised(c, mesh)
   tx, schedule = optim.make_optimizer(c.optimizer, c.schedule, c.total_steps)
-  step_fn = train.make_default_train_step(method, tx, schedule, c.grad_accum_steps)
   _, state_sh = train.abstract_state(method, tx, mesh, rules, jax.random.key(0))
-  batch_sh = parallel.batch_sharding(mesh)
-  with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
-  return step, method, tx, mesh, rules, batch_sh
+  step = train.jit_train_step(method, tx, schedule, c, state_sh, mesh, rules)
+  return step, method, tx, mesh, rules, parallel.batch_sharding(mesh)
 
 
 def _memory(compiled) -> dict:
+  from jax_transfer import mfu
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return dict(temp_bytes=mem.temp_size_in_bytes, argument_bytes=mem.argument_size_in_bytes,
-              output_bytes=mem.output_size_in_bytes, flops=float((cost or {}).get("flops", 0)))
+              output_bytes=mem.output_size_in_bytes, flops=mfu.compiled_flops(compiled) or 0.0)
 
 
 def measure_compile(depth: int, scan: bool) -> dict:

@@ -91,8 +91,7 @@ def _timed(step, n_warmup, n_steps):
 def measure_jax(batch: int, steps: int, warmup: int) -> dict:
   import jax
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from jax_transfer import config as config_lib, methods, optim, parallel, train
+  from jax_transfer import config as config_lib, methods, mfu, optim, parallel, train
   config = load_config(batch)
   base_rss = _rss_bytes()
 
@@ -103,23 +102,18 @@ def measure_jax(batch: int, steps: int, warmup: int) -> dict:
   rules = parallel.rules_from_config(config.sharding_rules)
   method = methods.get_method(config.method)(config, mesh)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.total_steps)
-  step_fn = method.train_step or train.make_default_train_step(method, tx, schedule,
-                                                               config.grad_accum_steps)
   state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
   rss_state = _rss_bytes() - base_rss  # XLA runtime + init compile + state
   m = config.model
   images, tokens = synthetic_batch(batch, IMAGE_SIZE, m.context_length, m.vocab_size)
   gbatch = parallel.global_batch({"image": images, "tokens": tokens}, mesh)
   with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
-                     out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+    jitted = train.jit_train_step(method, tx, schedule, config, state_sh, mesh, rules)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t0
     rss_compiled = _rss_bytes() - base_rss
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     box = {"state": state}
 
     def step():
@@ -136,7 +130,7 @@ def measure_jax(batch: int, steps: int, warmup: int) -> dict:
               rss_after_compile=rss_compiled, rss_after_steps=_rss_bytes() - base_rss,
               xla_temp=mem.temp_size_in_bytes, xla_args=mem.argument_size_in_bytes,
               xla_out=mem.output_size_in_bytes, xla_alias=mem.alias_size_in_bytes,
-              flops=(cost or {}).get("flops"), threads=os.cpu_count())
+              flops=mfu.compiled_flops(compiled), threads=os.cpu_count())
 
 
 # --------------------------------------------------------------------------- open_clip side.

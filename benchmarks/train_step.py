@@ -57,7 +57,6 @@ def build_step(config):
   """The pieces train.train_and_evaluate builds before its loop, built the same way.
   Returns (jitted step, state, one global batch, mesh, rules)."""
   import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from jax_transfer import config as config_lib, data, methods, optim, parallel, train
 
   config_lib.validate(config, jax.device_count())
@@ -65,12 +64,8 @@ def build_step(config):
   rules = parallel.rules_from_config(config.sharding_rules)
   method = methods.get_method(config.method)(config, mesh)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.total_steps)
-  step_fn = method.train_step or train.make_default_train_step(method, tx, schedule,
-                                                               config.grad_accum_steps)
   state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
-  with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    step = jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+  step = train.jit_train_step(method, tx, schedule, config, state_sh, mesh, rules)
   it = data.make_train_iterator(config.input, seed=config.seed)
   local = {k: v for k, v in next(it).items() if k in ("image", "label")}
   return step, state, parallel.global_batch(local, mesh), mesh, rules
