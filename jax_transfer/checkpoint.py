@@ -89,23 +89,21 @@ def check_compatible(workdir: str, step: int, abstract_state) -> None:
     logging.warning("Cannot read the metadata of checkpoint %s: %s", path, e)
     return
   saved, wanted = _path_shapes(meta, "params"), _path_shapes(abstract_state, "params")
-  where = (f"checkpoint step {step} in {workdir!r}")
-  for key in sorted(wanted):
-    if key not in saved:
-      raise CheckpointMismatchError(
-          f"{where} has no parameter {key!r} that this config's model has (another "
-          f"architecture?); use a new --workdir, or the config that wrote it "
-          f"({os.path.join(workdir, 'config.json')})")
-    if saved[key] != wanted[key]:
-      raise CheckpointMismatchError(
-          f"{where} has parameter {key!r} of shape {saved[key]}, this config's model needs "
-          f"{wanted[key]} (another architecture?); use a new --workdir, or the config that "
-          f"wrote it ({os.path.join(workdir, 'config.json')})")
+  differ = [k for k in sorted(wanted) if saved.get(k) != wanted[k]]  # First in path order.
   extra = sorted(set(saved) - set(wanted))
-  if extra:
-    raise CheckpointMismatchError(
-        f"{where} has parameter {extra[0]!r} that this config's model lacks (another "
-        f"architecture?); use a new --workdir, or the config that wrote it")
+  if differ and differ[0] not in saved:
+    what = f"has no parameter {differ[0]!r} that this config's model has"
+  elif differ:
+    k = differ[0]
+    what = (f"has parameter {k!r} of shape {saved[k]}, this config's model needs "
+            f"{wanted[k]}")
+  elif extra:
+    what = f"has parameter {extra[0]!r} that this config's model lacks"
+  else:
+    return
+  raise CheckpointMismatchError(
+      f"checkpoint step {step} in {workdir!r} {what} (another architecture?); use a new "
+      f"--workdir, or the config that wrote it ({os.path.join(workdir, 'config.json')})")
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):

@@ -23,8 +23,9 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.jsonl")
     if resume_step is not None and os.path.exists(path):
-      kept = [line for line in open(path) if _step_of(line) is not None
-              and _step_of(line) <= resume_step]  # A half-written last line is dropped.
+      with open(path) as f:  # A half-written last line has no step and is dropped.
+        kept = [line for line in f if (step := _step_of(line)) is not None
+                and step <= resume_step]
       with open(path + ".tmp", "w") as f:
         f.writelines(kept)
       os.replace(path + ".tmp", path)

@@ -97,11 +97,12 @@ def abstract_state(method, tx, mesh, rules, rng):
   return _abstract(abstract, shardings), shardings
 
 
-def create_state(method, tx, mesh, rules, rng):
-  """Born-sharded train state: shardings from `abstract_state`, then
-  jit(init, out_shardings=...). No parameter is ever materialised unsharded.
-  Returns (state, state_shardings)."""
-  _, shardings = abstract_state(method, tx, mesh, rules, rng)
+def create_state(method, tx, mesh, rules, rng, shardings=None):
+  """Born-sharded train state: shardings from `abstract_state` (or the ones given, from an
+  earlier call), then jit(init, out_shardings=...). No parameter is ever materialised
+  unsharded. Returns (state, state_shardings)."""
+  if shardings is None:
+    _, shardings = abstract_state(method, tx, mesh, rules, rng)
 
   def init(rng):
     param_rng, extra_rng = jax.random.split(rng)
@@ -249,8 +250,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
       f.write(config.to_json_best_effort(indent=2))
 
   # ----------------------------------------------------------------------------------- Shard.
-  state, state_sh = create_state(method, tx, mesh, rules, rng)
-  restored = checkpoint.restore_latest(mngr, _abstract(state, state_sh), train_iter)
+  state, _ = create_state(method, tx, mesh, rules, rng, shardings=state_sh)
+  restored = checkpoint.restore_latest(mngr, abstract, train_iter)
   if restored is not None:
     state = restored
   elif config.init.export_dir:
@@ -261,16 +262,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
   first_step = int(state.step)
 
   # --------------------------------------------------------------------------------- Compile.
-  # Ahead of time, so the compiled step's FLOP count gives MFU (omitted on CPU).
-  batch = next(train_iter)
-  with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    train_step = jit_train_step(method, tx, schedule, config, state_sh, mesh,
-                                rules).lower(state, batch).compile()
-  flops = mfu.compiled_flops(train_step)
-  peak = mfu.peak_flops(devices[0])
-  if flops:
-    logging.info("Train step: %.3g FLOPs per device%s", flops,
-                 f", peak {peak:.3g} FLOP/s per device" if peak else "")
+  # Ahead of time, so the compiled step's FLOP count gives MFU (omitted on CPU). A relaunch of
+  # a finished run only evaluates: nothing to compile.
+  flops, peak = None, mfu.peak_flops(devices[0])
+  if first_step < config.total_steps:
+    batch = next(train_iter)
+    with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
+      train_step = jit_train_step(method, tx, schedule, config, state_sh, mesh,
+                                  rules).lower(state, batch).compile()
+    flops = mfu.compiled_flops(train_step)
+    if flops:
+      logging.info("Train step: %.3g FLOPs per device%s", flops,
+                   f", peak {peak:.3g} FLOP/s per device" if peak else "")
 
   # ----------------------------------------------------------------------------------- Evals.
   writer = MetricWriter(workdir, resume_step=first_step)

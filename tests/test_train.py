@@ -169,3 +169,11 @@ def test_workdir_files(uninterrupted):
   assert any("examples_per_sec" in r for r in rows)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["variant"] == "nano/2"
+
+
+def test_relaunch_of_a_finished_run_only_evaluates(data_dir, uninterrupted):
+  workdir, full_state, final = uninterrupted
+  state, again = train.train_and_evaluate(_config(data_dir), workdir, devices=jax.devices()[:2])
+  assert int(state.step) == 12
+  _assert_same_params(state.params, full_state.params, rtol=0, atol=0)
+  assert again == final
