@@ -9,16 +9,17 @@ Arguments (comma-separated):
   gen        the setting that leaves the ln C plateau and generalises on 2 CPU cores
              (experiments/icl/README.md): digits 0-4 (5-way), resized 8x8 -> 4x4 (16 features,
              square A [16, 16] ~ N(0, 1/16)), 128 sequences of 32 per step resampled on device
-             from 256 base examples (icl.resample_sequences), lr 1e-3, 1500 steps (~1.5-4 min).
+             from 256 base examples (icl.resample_sequences), lr 1e-3, 1500 steps (~45 s).
   runlocal   shrink to a smoke run (20 steps, 4 sequences of 16).
 
 Command (the transition experiment runs it for every N, see experiments/icl/README.md):
   python -m jax_transfer.main --config=ml_collections_configs/icl/digits_gpicl.py:tasks=65536 \
     --workdir=/tmp/icl_digits
-Hardware: 2 shared CPU cores. Measured (experiments/icl/README.md, through
-experiments/icl/transition.py, which sets what `gen` sets): with `gen`, memorisation up to
-~2^8 tasks, generalisation from ~2^11 tasks on (unseen-task accuracy 0.60-0.62 mean over k at
-2^12 - 2^16, 0.47 unlimited), ~2-5 min per run. At 8x8 (64 features), 32 sequences per step
+Hardware: 2 CPU cores, jax 0.10.2. Measured at the final commit (experiments/RESULTS.md,
+`python experiments/icl/transition.py --out=workdirs/icl_transition_v3 --steps=1500
+--tasks=4,16,64,256,1024,2048,4096,16384,65536,0`, which sets what `gen` sets): memorisation
+up to ~2^8 tasks (unseen at chance), generalisation from ~2^11 tasks on (unseen-task accuracy
+0.60 mean over k at 2^12 - 2^16, 0.55 unlimited), 43-50 s per run. At 8x8 (64 features), 32 sequences per step
 and 500 steps the learner stayed on the ln 5 plateau for every pool size. The default here
 (10-way, 64 features, 1500 steps, ~5 min) has not been run to the end.
 """
