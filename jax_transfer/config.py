@@ -7,6 +7,8 @@ allowed, which main.py prints and turns into a non-zero exit.
 """
 from __future__ import annotations
 
+import logging
+
 import ml_collections
 
 # Keys a method may add beyond the base (their sections are validated by the method).
@@ -211,6 +213,12 @@ def validate(config, num_devices: int) -> None:
     if impl == "cudnn" and jax.default_backend() != "gpu":
       raise ConfigError(f"model.attention_impl='cudnn' needs a GPU (backend here: "
                         f"{jax.default_backend()}); use 'auto'")
+    if impl == "splash" and jax.default_backend() == "gpu":
+      raise ConfigError("model.attention_impl='splash' is a TPU (Pallas Mosaic) kernel; on GPU "
+                        "use 'auto' (cuDNN's fused attention)")
+    if impl == "splash" and jax.default_backend() != "tpu":
+      logging.warning("model.attention_impl='splash' off TPU runs the kernel in Pallas "
+                      "interpret mode: correct but slow (meant for tests)")
   methods.get_method(config.method).validate_config(config)
   axes = set(parallel.MESH_AXES)
   for rule in config.sharding_rules:

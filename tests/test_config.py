@@ -64,6 +64,21 @@ def test_default_config_is_valid(data_dir):
   config_lib.validate(tiny_vit_config(data_dir), num_devices=8)
 
 
+@pytest.mark.parametrize("backend,error", [("gpu", r"'splash' is a TPU .* on GPU use 'auto'"),
+                                           ("cpu", None), ("tpu", None)])
+def test_splash_attention_is_refused_on_gpu_only(data_dir, monkeypatch, caplog, backend, error):
+  """TPU: the kernel; CPU: Pallas interpret mode, with a warning; GPU: a clear error."""
+  import jax
+  c = _set(tiny_vit_config(data_dir), "model.attention_impl", "splash")
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  if error:
+    with pytest.raises(config_lib.ConfigError, match=error):
+      config_lib.validate(c, num_devices=8)
+    return
+  config_lib.validate(c, num_devices=8)
+  assert ("interpret mode" in caplog.text) == (backend == "cpu")
+
+
 def _cli(*args, env_extra=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
   return subprocess.run([sys.executable, "-m", "jax_transfer.main", *args], cwd=ROOT, env=env,

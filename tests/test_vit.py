@@ -136,6 +136,7 @@ def test_attention_implementation_choice():
       "cudnn" if jax.default_backend() == "gpu" else "xla")
   assert attention_implementation("auto", jnp.float32, 64) == "xla"
   assert attention_implementation("xla", jnp.bfloat16, 64) == "xla"
+  assert attention_implementation("splash", jnp.bfloat16, 64) == "splash"  # Opt-in only.
   with pytest.raises(ValueError, match="Unknown attention_impl 'flash'"):
     attention_implementation("flash", jnp.float32, 64)
 
@@ -152,3 +153,44 @@ def test_cpu_attention_matches_dot_product_attention(causal):
   np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=1e-6)
   for g, g_ref in zip(jax.vjp(ours, q, k, v)[1](ct), jax.vjp(ref, q, k, v)[1](ct)):
     np.testing.assert_allclose(g, g_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_splash_attention_matches_xla_on_a_mesh(causal):
+  """The Pallas splash-attention path (TPU's flash attention; Pallas interpret mode here) gives
+  the XLA path's values and gradients: 17 tokens padded to the kernel's 128-block and masked by
+  segment ids, shard_map over batch (data x fsdp = 4) and heads (tensor = 2) on 8 devices."""
+  from jax_transfer import parallel
+  from jax_transfer.models.vit import cpu_attention, splash_attention
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  q, k, v, ct = (jax.random.normal(key, (4, 17, 2, 8))
+                 for key in jax.random.split(jax.random.key(1), 4))
+
+  def vjp(fn):
+    with jax.set_mesh(mesh), parallel.with_sharding_rules(parallel.DEFAULT_RULES):
+      y, back = jax.jit(lambda q, k, v: jax.vjp(lambda *a: fn(*a, causal), q, k, v))(q, k, v)
+      return y, back(ct)
+  (y, grads), (y_ref, grads_ref) = vjp(splash_attention), vjp(cpu_attention)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, atol=1e-4)
+
+
+def test_splash_attention_in_a_scanned_vit_equals_xla():
+  """attention_impl='splash' inside a scan + remat ViT, jitted under the training loop's mesh
+  context: same logits and parameter gradients as 'xla'."""
+  from jax_transfer import parallel
+  mesh = parallel.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+  models = {impl: get_model("vit", variant="nano/2", num_classes=5, num_heads=2, depth=2,
+                            scan_layers=True, remat=True, attention_impl=impl)
+            for impl in ("xla", "splash")}
+  params = models["xla"].init(jax.random.key(1), x, train=False)
+
+  def loss_and_grad(model):
+    loss = lambda p: (model.apply(p, x, train=False)[0] ** 2).mean()
+    with jax.set_mesh(mesh), parallel.with_sharding_rules(parallel.DEFAULT_RULES):
+      return jax.jit(jax.value_and_grad(loss))(params)
+  (l, g), (l_ref, g_ref) = loss_and_grad(models["splash"]), loss_and_grad(models["xla"])
+  np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g, g_ref)
