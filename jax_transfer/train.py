@@ -231,7 +231,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
 
   # ------------------------------------------- Checks against what is on disk (still no compile).
   rng = jax.random.key(config.seed)
-  abstract, state_sh = abstract_state(method, tx, mesh, rules, rng)
+  try:  # Traces tx.init: a mask regex splitting a scanned stack of blocks fails here.
+    abstract, state_sh = abstract_state(method, tx, mesh, rules, rng)
+  except optim.MaskError as e:
+    raise config_lib.ConfigError(str(e)) from None
   latest = checkpoint.latest_step(workdir)
   try:
     if latest is not None:  # Another architecture's checkpoint: one line, workdir untouched.

@@ -128,6 +128,10 @@ CASES = [
     ("load regex selecting nothing", lambda d, t, tr: (config_lib.with_overrides(
         tiny_vit_config(d), **{"init.export_dir": tr[1], "init.load_regex": "^nosuch/"}),
         str(t / "w")), r"init.load_regex='\^nosuch/' .* selects no parameter"),
+    ("trainable regex splitting scanned blocks", _set(**{
+        "model.scan_layers": True, "optimizer.trainable_regex": "encoderblock_1/|^head/"}),
+     r"optimizer.trainable_regex='encoderblock_1/\|\^head/' matches blocks \[1\] of the 2 "
+     r"stacked in 'encoderblocks/.*cannot be frozen separately: set model.scan_layers=False"),
     ("workdir is a file", _workdir(_file_as_workdir), r"exists and is not a directory"),
     ("unwritable workdir", _workdir(lambda tmp: "/proc/jax_transfer_workdir"),
      r"--workdir='/proc/jax_transfer_workdir' cannot be created"),

@@ -1,4 +1,5 @@
 """Optimisers, schedules and masks from the config (jax_transfer/optim.py), without the loop."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,3 +54,81 @@ def test_frozen_params_do_not_move_and_weight_decay_skips_biases():
   np.testing.assert_array_equal(new["dense"]["kernel"], p["dense"]["kernel"])  # Frozen.
   np.testing.assert_allclose(new["head"]["kernel"], 1 - 0.1 * 0.5)  # Decayed (zero grads).
   np.testing.assert_array_equal(new["head"]["bias"], p["head"]["bias"])  # No decay on biases.
+
+
+# Regexes a scan model (model.scan_layers=True) must apply as the unrolled one does: paths are
+# the canonical per-block ones, and these select whole blocks, the head, or every bias.
+WHOLE_BLOCK_REGEXES = [r"encoderblock_\d+/|^head/", "^head/", "bias$", r"encoderblock_\d+/mlp/",
+                       "^(cls|embedding)/?", r"(bias|scale|pos_embedding|cls)$"]
+
+
+def _vit_params(scan):
+  from jax_transfer.models import make_vit
+  model = make_vit("nano/8", depth=3, num_classes=4, scan_layers=scan)
+  return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
+                                                    jnp.zeros((1, 16, 16, 3))))["params"])
+
+
+def _masks(params, regex):
+  """(trainable mask, weight-decay mask) as make_optimizer builds them."""
+  return (optim._path_mask(params, regex, True),
+          optim._path_mask(params, regex, False, key="optimizer.wd_exclude_regex"))
+
+
+@pytest.mark.parametrize("regex", WHOLE_BLOCK_REGEXES)
+def test_scan_model_masks_the_same_params_as_the_unrolled_one(regex):
+  from jax_transfer.models.vit import STACKED, has_stacked_blocks, unstack_blocks
+  plain, scan = _vit_params(False), _vit_params(True)
+  assert has_stacked_blocks(scan) and not has_stacked_blocks(plain)
+  for plain_mask, scan_mask in zip(_masks(plain, regex), _masks(scan, regex)):
+    # Each stacked leaf's bool, broadcast over its blocks, then in the per-block layout.
+    per_layer = jax.tree.map(lambda m, p: np.full(p.shape[:1], m), scan_mask[STACKED],
+                             scan[STACKED])
+    scan_mask = unstack_blocks(dict(scan_mask, **{STACKED: per_layer}))
+    assert jax.tree.map(bool, scan_mask) == plain_mask, regex
+  assert any(jax.tree.leaves(_masks(plain, regex)[0]))
+
+
+def test_scan_model_freezes_whole_blocks_through_the_optimizer():
+  """A linear probe plus the blocks on a scan model: the stacked blocks train, the rest not."""
+  c = config_lib.base_config()
+  c.optimizer.name, c.optimizer.lr, c.optimizer.grad_clip_norm = "sgd", 0.1, 0.0
+  c.optimizer.trainable_regex, c.schedule.warmup_steps = r"encoderblock_\d+/|^head/", 0
+  tx, _ = optim.make_optimizer(c.optimizer, c.schedule, total_steps=10)
+  p = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), _vit_params(True))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+  assert np.all(updates["encoderblocks"]["mlp"]["fc1"]["kernel"] != 0)
+  assert np.all(updates["head"]["kernel"] != 0)
+  assert np.all(updates["embedding"]["kernel"] == 0)  # Frozen.
+
+
+@pytest.mark.parametrize("key,regex,word", [
+    ("trainable_regex", r"encoderblock_2/|^head/", "frozen"),
+    ("wd_exclude_regex", r"encoderblock_[01]/.*kernel$", "excluded from weight decay")])
+def test_regex_splitting_a_scanned_stack_is_an_error(key, regex, word):
+  c = config_lib.base_config()
+  c.optimizer[key] = regex
+  tx, _ = optim.make_optimizer(c.optimizer, c.schedule, total_steps=10)
+  with pytest.raises(ValueError, match=rf"optimizer.{key}=.* 'encoderblocks/.*' .*cannot be "
+                                       rf"{word} separately: set model.scan_layers=False") as e:
+    jax.eval_shape(tx.init, _vit_params(True))
+  assert "\n" not in str(e.value)
+  jax.eval_shape(tx.init, _vit_params(False))  # The unrolled model takes it.
+
+
+def test_two_tower_stacks_are_matched_per_block_in_each_tower():
+  from jax_transfer.models import make_two_towers
+  kw = dict(image_variant="nano/8", text_width=32, text_depth=2, text_heads=2, vocab_size=20,
+            context_length=8, embed_dim=24)
+  params = {}
+  for scan in (False, True):
+    model = make_two_towers(scan_layers=scan, **kw)
+    params[scan] = jax.eval_shape(lambda m=model: nn.unbox(m.init(
+        jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.ones((1, 8), jnp.int32)))["params"])
+  mask = optim._path_mask(params[True], r"^txt/encoderblock_\d+/", True)
+  assert mask["txt"]["encoderblocks"]["ln_1"]["scale"]
+  assert not any(jax.tree.leaves(mask["img"]))
+  with pytest.raises(optim.MaskError, match=r"'img/encoderblocks/"):
+    optim._path_mask(params[True], r"^img/encoderblock_1/", True)
+  assert optim._path_mask(params[False], r"^img/encoderblock_1/", True)["img"][
+      "encoderblock_1"]["ln_1"]["scale"]
