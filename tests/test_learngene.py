@@ -179,3 +179,20 @@ def test_auxiliary_run_sharded_then_descendant_reproduces_it(data_dir, tmp_path,
 
 def _flat_specs(shardings):
   return {k: tuple(s.spec) for k, s in checkpoint.flatten_keys(shardings).items()}
+
+
+def test_pooled_gains_pair_arms_by_seed_and_average_depths():
+  """experiments/learngene/pool.py: per seed, learngene - scratch averaged over depths; the
+  paired t statistic is over seeds."""
+  from experiments.learngene.pool import pooled_gains, t_statistic
+  runs = lambda rows: {"runs": rows}
+  summary = {"budgets": [25, 50], "accuracy_5to9": {
+      "2": {"scratch": runs([[0.5, 0.6], [0.4, 0.5]]),
+            "learngene": runs([[0.6, 0.7], [0.4, 0.4]])},
+      "4": {"scratch": runs([[0.5, 0.5], [0.5, 0.5]]),
+            "learngene": runs([[0.7, 0.5], [0.6, 0.8]])}}}
+  np.testing.assert_allclose(pooled_gains(summary, 50), [[0.1, -0.1], [0.0, 0.3]])
+  per_seed = pooled_gains(summary, 25).mean(0)  # seed 0: (0.1 + 0.2) / 2; seed 1: 0.05.
+  np.testing.assert_allclose(per_seed, [0.15, 0.05])
+  np.testing.assert_allclose(t_statistic(per_seed), 0.1 / (np.std([0.15, 0.05], ddof=1)
+                                                           / np.sqrt(2)))

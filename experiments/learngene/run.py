@@ -85,6 +85,8 @@ def main():
   parser.add_argument("--teacher_steps", type=int, default=600)
   parser.add_argument("--aux_steps", type=int, default=600)
   parser.add_argument("--descendant_steps", type=int, default=200)
+  parser.add_argument("--upstream_seed", type=int, default=0,
+                      help="seed of the teacher and auxiliary runs: another learngene")
   args = parser.parse_args()
   depths = [int(d) for d in args.depths.split(",")]
 
@@ -104,7 +106,8 @@ def main():
   print(f"[1/3] teacher: ViT-mu/2 on digits 0-4, {args.teacher_steps} steps", flush=True)
   t = time.time()
   _, ev = train.train_and_evaluate(_set(digits_vit.get_config(""),
-                                        total_steps=args.teacher_steps),
+                                        total_steps=args.teacher_steps,
+                                        seed=args.upstream_seed),
                                    os.path.join(out, "teacher"))
   export_lib.export_workdir(os.path.join(out, "teacher"), teacher_dir)
   teacher_acc, times["teacher_s"] = ev["eval/accuracy"], time.time() - t
@@ -114,7 +117,7 @@ def main():
         flush=True)
   t = time.time()
   _, ev = train.train_and_evaluate(
-      _set(digits_aux.get_config(""), total_steps=args.aux_steps,
+      _set(digits_aux.get_config(""), total_steps=args.aux_steps, seed=args.upstream_seed,
            **{"learngene.teacher_dir": teacher_dir}), os.path.join(out, "aux"))
   export_lib.export_workdir(os.path.join(out, "aux"), learngene_dir)
   aux_acc, times["aux_s"] = ev["eval/accuracy"], time.time() - t
@@ -147,6 +150,7 @@ def main():
   summary = {
       "teacher_accuracy_0to4": teacher_acc, "aux_accuracy_0to4": aux_acc,
       "shots": args.shots, "budgets": budgets, "seeds": args.seeds,
+      "upstream_seed": args.upstream_seed,
       "expanded_untrained_accuracy_0to4": upstream,
       "accuracy_5to9": {d: {a: {"mean": v.mean(0).tolist(), "std": v.std(0).tolist(),
                                 "runs": v.tolist()} for a, v in arms.items()}
@@ -172,6 +176,17 @@ def main():
     print(f"| {d} | gain | " + " | ".join(
         f"{gain.mean(0)[i]:+.3f} ({int((gain[:, i] > 0).sum())}/{args.seeds})" for i in idx)
           + " |")
+  # Pooled over depths: one paired gain per seed (seeds are the independent units).
+  from experiments.learngene.pool import pooled_gains, t_statistic
+  final = pooled_gains(summary, budgets[-1])
+  per_seed = final.mean(0)
+  t_stat = t_statistic(per_seed)
+  summary["pooled_final_gain"] = {"per_seed": per_seed.tolist(), "t": float(t_stat)}
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  print(f"\npooled over depths at N={budgets[-1]}: gain {per_seed.mean():+.3f}, positive on "
+        f"{int((per_seed > 0).sum())}/{args.seeds} seeds, paired t = {t_stat:.2f} "
+        f"(df {args.seeds - 1}); depth-seed pairs > 0: {int((final > 0).sum())}/{final.size}")
   print(f"\nstored params to initialise depths {depths} (heads excluded): learngene "
         f"{lg_size:,} vs one pretrained backbone per depth {sum(vit_sizes.values()):,} "
         f"({sum(vit_sizes.values()) / lg_size:.1f}x)")
