@@ -198,6 +198,15 @@ def main():
   fmt = lambda v: "n/a" if np.all(np.isnan(v)) else f"{np.mean(v):.3f} ± {np.std(v):.3f}"
   for arm, r in rows.items():
     print(f"| {names[arm]} | {fmt(r['probe'])} | {fmt(r['probe_10'])} | {fmt(r['finetune_10'])} |")
+  print("\nPaired by seed (the seed fixes the labelled draw and the pretraining init for every "
+        "arm): mean difference, paired t over seeds, seeds where the first arm wins")
+  for a, b in (("krr_st", "random"), ("random", "none"), ("krr_st", "none"),
+               ("krr_st", "kmeans")):
+    for key in ("finetune_10", "probe_10"):
+      diff = np.asarray(rows[a][key]) - np.asarray(rows[b][key])
+      t = diff.mean() / (diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else np.nan
+      print(f"  {a} - {b}, {key}: {diff.mean():+.3f} (t = {t:+.2f}, "
+            f"{int((diff > 0).sum())}/{len(diff)})")
   print(f"\nsynthetic images: {out}/synthetic.png; wall time {summary['wall_time_s']:.0f}s")
 
 
