@@ -23,7 +23,7 @@ import time
 
 
 def run_point(num_tasks, steps, out, final_datasets, lstm=False, fixed=0.0, sequences=128,
-              image_size=4, resample=True, batch_examples=256, lr=1e-3):
+              image_size=4, resample=True, batch_examples=256, lr=1e-3, seed=0):
   from jax_transfer import train
   from ml_collections_configs.icl import digits_gpicl
   c = digits_gpicl.get_config(f"tasks={num_tasks}" + (",lstm" if lstm else ""))
@@ -32,6 +32,7 @@ def run_point(num_tasks, steps, out, final_datasets, lstm=False, fixed=0.0, sequ
   c.checkpoint_every_steps = steps
   c.log_every_steps = 100
   c.optimizer.lr = lr
+  c.seed = c.icl.task_seed = seed  # another init, data order and task pool
   c.input.classes = (0, 1, 2, 3, 4)
   c.model.num_classes = 5
   c.input.image_size = image_size or None  # 4: digits 8x8 -> 4x4 = 16 features
@@ -67,7 +68,16 @@ def main():
   p.add_argument("--batch_examples", type=int, default=256,
                  help="base examples per step when resampling")
   p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--seed", type=int, default=0,
+                 help="config.seed and icl.task_seed: another init, data order and task pool "
+                      "(use one --out per seed)")
+  p.add_argument("--combine", default="",
+                 help="comma-separated --out dirs of sweeps with different seeds: write "
+                      "<out>/seeds.{md,png} (mean and range over seeds) and exit")
   args = p.parse_args()
+  if args.combine:
+    combine(args.combine.split(","), args.out)
+    return
   os.makedirs(args.out, exist_ok=True)
   datasets = tuple(d for d in args.datasets.split(",") if d)
   rows = []
@@ -82,7 +92,7 @@ def main():
       continue
     final, wall = run_point(n, args.steps, args.out, datasets, args.lstm, args.fixed,
                             args.sequences, args.image_size, not args.no_resample,
-                            args.batch_examples, args.lr)
+                            args.batch_examples, args.lr, args.seed)
     rows.append({"num_tasks": n, "learner": tag, "wall_s": round(wall, 1), **final})
     json.dump(rows, open(path, "w"), indent=1)
     print(f"tasks={n or 'unlimited'} wall={wall:.0f}s seen={final['icl/seen/acc_mean']:.3f} "
@@ -128,6 +138,51 @@ def write_report(rows, out, datasets):
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out, "transition.png"), dpi=100)
+
+
+def combine(dirs, out):
+  """Transformer rows of several seeds' sweeps -> mean and [min, max] over seeds per pool size
+  (markdown table and plot with range bars)."""
+  import numpy as np
+  by_seed = []
+  for d in dirs:
+    with open(os.path.join(d, "transition.json")) as f:
+      by_seed.append({r["num_tasks"]: r for r in json.load(f)
+                      if r.get("learner", "transformer") == "transformer"})
+  tasks = sorted(set.intersection(*(set(s) for s in by_seed)), key=lambda n: n or 2 ** 40)
+  keys = (("icl/seen/acc_mean", "seen (mean over k)"), ("icl/unseen/acc_mean",
+          "unseen (mean over k)"), ("icl/unseen/acc_k31", "unseen, k = 31"))
+  label = lambda n: "unlimited" if n == 0 else f"2^{n.bit_length() - 1}"
+  lines = [f"| tasks ({len(dirs)} seeds: mean [min, max]) | "
+           + " | ".join(name for _, name in keys) + " |", "|---|" + "---|" * len(keys)]
+  stats = {}
+  for n in tasks:
+    cells = []
+    for key, _ in keys:
+      v = np.array([s[n][key] for s in by_seed])
+      stats[(n, key)] = v
+      cells.append(f"{v.mean():.3f} [{v.min():.3f}, {v.max():.3f}]")
+    lines.append(f"| {label(n)} | " + " | ".join(cells) + " |")
+  os.makedirs(out, exist_ok=True)
+  open(os.path.join(out, "seeds.md"), "w").write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  xs = np.array([n or 2 ** 18 for n in tasks])  # unlimited drawn at 2^18
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for (key, name), marker in zip(keys, ("o-", "o-", "s--")):
+    v = np.array([stats[(n, key)] for n in tasks])  # [tasks, seeds]
+    ax.errorbar(xs, v.mean(1), yerr=[v.mean(1) - v.min(1), v.max(1) - v.mean(1)], fmt=marker,
+                capsize=3, label=name)
+  ax.axhline(0.2, color="gray", ls=":", label="chance")
+  ax.set_xscale("log", base=2)
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("number of meta-training tasks (2^18 = unlimited)")
+  ax.set_ylabel(f"meta-test accuracy ({len(dirs)} seeds, mean and range)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "seeds.png"), dpi=100)
 
 
 if __name__ == "__main__":
