@@ -259,7 +259,8 @@ def worker_home(tmp_path):
   home = tmp_path / "home"
   (home / "jax_transfer" / ".venv" / "bin").mkdir(parents=True)
   _write_exe(home / "jax_transfer" / ".venv" / "bin" / "python",
-             '#!/usr/bin/env bash\nprintf "%s\\n" "$TFDS_DATA_DIR" "$@" > ~/argv.$$\n'
+             '#!/usr/bin/env bash\nprintf "%s\\n" "$TFDS_DATA_DIR" "$@" > ~/argv.$$.tmp\n'
+             "mv ~/argv.$$.tmp ~/argv.$$\n"  # Published whole: the test never reads half.
              "while :; do sleep 0.1; done\n")
   yield home
   pid_file = home / "jax_transfer.pid"
@@ -276,13 +277,12 @@ def _on_worker(command, home):
                         text=True, timeout=30)
 
 
-def _started(home, timeout=10):
+def _started(home, timeout=60):
   pid = int((home / "jax_transfer.pid").read_text())
-  deadline = time.time() + timeout
+  deadline = time.time() + timeout  # Generous: a loaded 2-core CI machine.
   while not (home / f"argv.{pid}").exists():
     assert time.time() < deadline, "the launched run never started"
     time.sleep(0.05)
-  time.sleep(0.05)  # Let the fake finish writing.
   return pid, (home / f"argv.{pid}").read_text().splitlines()
 
 
