@@ -26,12 +26,8 @@ import harness  # benchmarks/harness.py: median_time
 import argparse
 import json
 import os
-import pathlib
-import subprocess
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTION = "## Contrastive loss: dense vs chunked"
 LOSSES = ("clip", "siglip")
 
@@ -126,8 +122,7 @@ def main():
   p.add_argument("--dim", type=int, default=128)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
-                 help="RESULTS.md to update ('' = print only)")
+  report.add_results_arg(p)
   p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # device count: child process.
   a = p.parse_args()
   if a.child:
@@ -139,13 +134,10 @@ def main():
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                           f" --xla_force_host_platform_device_count={n}").strip())
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", str(n), "--per-device-batch",
-         str(a.per_device_batch), "--dim", str(a.dim), "--steps", str(a.steps),
-         "--warmup", str(a.warmup)], capture_output=True, text=True, cwd=REPO, env=env)
-    if out.returncode:
-      sys.exit(f"devices={n} failed:\n{out.stderr[-3000:]}")
-    new = json.loads(out.stdout.strip().splitlines()[-1])
+    new = report.run_child(
+        __file__, ["--child", str(n), "--per-device-batch", str(a.per_device_batch), "--dim",
+                   str(a.dim), "--steps", str(a.steps), "--warmup", str(a.warmup)],
+        f"devices={n}", env)
     rows += new
     for r in new:
       print(f"n={n} {r['loss']:6s} {r['form']:7s} temp {r['temp_bytes'] / 2**20:7.2f} MiB "

@@ -31,14 +31,11 @@ import harness  # benchmarks/harness.py: the step as train.py builds it
 import argparse
 import json
 import os
-import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTION = "## Input pipeline vs step (CPU)"
 # name -> (config file under ml_collections_configs/, argument)
 CONFIGS = {
@@ -172,8 +169,7 @@ def main():
   p.add_argument("--batches", type=int, default=100)
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--rounds", type=int, default=2)
-  p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
-                 help="RESULTS.md to update ('' = print only)")
+  report.add_results_arg(p)
   p.add_argument("--note", default="", help="text appended to the section")
   p.add_argument("--one", help=argparse.SUPPRESS)  # config name: child process.
   a = p.parse_args()
@@ -187,12 +183,8 @@ def main():
   load, runs = os.getloadavg(), {n: [] for n in names}
   for rnd in range(a.rounds):
     for n in names:
-      out = subprocess.run([sys.executable, __file__, "--one", n, "--batches", str(a.batches),
-                            "--steps", str(a.steps)], capture_output=True, text=True,
-                           cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-      if out.returncode:
-        sys.exit(f"{n} failed:\n{out.stderr[-3000:]}")
-      r = json.loads(out.stdout.strip().splitlines()[-1])
+      r = report.run_child(__file__, ["--one", n, "--batches", str(a.batches), "--steps",
+                                      str(a.steps)], n)
       runs[n].append(r)
       print(f"round {rnd} {n:14s}: pipeline {1e3 * r['pipeline_s']:.2f} ms/batch, step "
             f"{1e3 * r['step_s']:.2f} ms, loop {1e3 * r['loop_s']:.2f} ms, ratio "

@@ -93,7 +93,7 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--sizes", default="10,100,300,1000,2000")
   p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+  report.add_results_arg(p)
   args = p.parse_args()
   import jax
   load = os.getloadavg()
@@ -121,8 +121,7 @@ def main():
             f"--steps {args.steps}`", "",
             report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}",
                                 load)]
-  report.write_section(args.results, SECTION, f"{SECTION}\n\n" + "\n".join(lines).strip() + "\n")
-  print("\n".join(lines))
+  report.publish(args.results, SECTION, f"{SECTION}\n\n" + "\n".join(lines).strip() + "\n")
 
 
 if __name__ == "__main__":

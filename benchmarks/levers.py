@@ -36,13 +36,9 @@ import harness  # benchmarks/harness.py: time_step
 import argparse
 import json
 import os
-import pathlib
 import resource
-import subprocess
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTION = "## Levers: scan, remat, bf16 (CPU)"
 COMPILE_GRID = [(d, s) for d in (12, 24) for s in (False, True)]  # (depth, scan)
 COMPILE_BATCH = 8
@@ -219,11 +215,7 @@ def render(compile_rows, step_rows, command: str, load: tuple) -> str:
 
 
 def _child(args: list[str]) -> dict:
-  out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                       cwd=REPO)
-  if out.returncode:
-    sys.exit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return report.run_child(__file__, args, " ".join(args))
 
 
 def main():
@@ -231,8 +223,7 @@ def main():
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
-                 help="RESULTS.md to update ('' = print only)")
+  report.add_results_arg(p)
   p.add_argument("--compile", help=argparse.SUPPRESS)  # "depth,scan": child process.
   p.add_argument("--lever", help=argparse.SUPPRESS)  # a LEVERS name: child process.
   a = p.parse_args()

@@ -38,7 +38,6 @@ import os
 import pathlib
 import re
 import resource
-import subprocess
 import sys
 import time
 
@@ -251,8 +250,7 @@ def main():
   p.add_argument("--warmup", type=int, default=5)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
-                 help="RESULTS.md to update ('' = print only)")
+  report.add_results_arg(p)
   p.add_argument("--notes", default="", help="file whose text is appended to the section")
   p.add_argument("--one", choices=("jax", "torch"), help=argparse.SUPPRESS)  # child process
   a = p.parse_args()
@@ -263,13 +261,9 @@ def main():
   load, runs = os.getloadavg(), {"jax": [], "torch": []}
   for rnd in range(a.rounds):
     for side in ("jax", "torch"):
-      out = subprocess.run(
-          [sys.executable, __file__, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--batch", str(a.batch), "--one", side], capture_output=True, text=True, cwd=REPO,
-          env=dict(os.environ, PYTHONPATH=str(REPO)))
-      if out.returncode:
-        sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-      runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+      runs[side].append(report.run_child(
+          __file__, ["--steps", str(a.steps), "--warmup", str(a.warmup), "--batch",
+                     str(a.batch), "--one", side], side))
       print(f"round {rnd} {side:5s}: {runs[side][-1]['ms_per_step']:.1f} ms/step, "
             f"peak RSS delta {runs[side][-1]['peak_rss_delta'] / 2**20:.0f} MiB", flush=True)
   rows = {}

@@ -38,12 +38,8 @@ import os
 import pathlib
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTION = "## Where the step time goes (CPU profile)"
 CONFIGS = {
     "shapes_clip": ("contrastive/shapes_clip.py", "clip"),
@@ -276,8 +272,7 @@ def main():
   p.add_argument("--configs", default=",".join(CONFIGS))
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--top", type=int, default=12)
-  p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
-                 help="RESULTS.md to update ('' = print only)")
+  report.add_results_arg(p)
   p.add_argument("--ab-rounds", type=int, default=5,
                  help="before/after rounds of the attention comparison (0 = none)")
   p.add_argument("--attention", choices=("cpu", "jax_nn"), default="cpu",
@@ -296,24 +291,17 @@ def main():
     return
 
   def child(name, attention, trace):
-    out = subprocess.run(
-        [sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--top", str(a.top),
-         "--attention", attention] + ([] if trace else ["--no-trace"]),
-        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    if out.returncode:
-      sys.exit(f"{name} ({attention}) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return report.run_child(
+        __file__, ["--one", name, "--steps", str(a.steps), "--top", str(a.top), "--attention",
+                   attention] + ([] if trace else ["--no-trace"]), f"{name} ({attention})")
 
   load, results, ab = os.getloadavg(), [], {}
   names = a.configs.split(",")
   for rnd in range(a.ab_rounds):
     for n in names:
-      out = subprocess.run([sys.executable, __file__, "--ab", n, "--steps", str(a.steps)],
-                           capture_output=True, text=True, cwd=REPO,
-                           env=dict(os.environ, PYTHONPATH=str(REPO)))
-      if out.returncode:
-        sys.exit(f"{n} (before/after) failed:\n{out.stderr[-3000:]}")
-      for attention, ms in json.loads(out.stdout.strip().splitlines()[-1]).items():
+      ab_ms = report.run_child(__file__, ["--ab", n, "--steps", str(a.steps)],
+                               f"{n} (before/after)")
+      for attention, ms in ab_ms.items():
         ab.setdefault((n, attention), []).append(ms)
       print(f"round {rnd} {n}: jax_nn {ab[(n, 'jax_nn')][-1]:.1f}, cpu "
             f"{ab[(n, 'cpu')][-1]:.1f} ms/step", flush=True)

@@ -3,11 +3,15 @@ benchmarks/RESULTS.md (each script owns one '## ' section and replaces only that
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pathlib
 import platform
 import re
 import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
@@ -67,6 +71,24 @@ def command_line(script: str, parser, args, names) -> str:
 def footer(command: str, machine: str, note: str = "") -> list[str]:
   """The lines that end a section: the command, the machine line and, when given, a note."""
   return [f"Command: `{command}`", "", machine, ""] + ([note, ""] if note else [])
+
+
+def add_results_arg(parser) -> None:
+  """--results: the RESULTS.md whose section the script replaces ('' = print only)."""
+  parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
+                      help="RESULTS.md to update ('' = print only)")
+
+
+def run_child(script, args, what: str, env: dict | None = None):
+  """Runs `python script *args` in a fresh process (repo root as cwd and on PYTHONPATH;
+  `env` replaces os.environ) and returns the JSON on its last stdout line; exits naming `what`
+  with the end of its stderr when it fails. Each measurement runs alone in its own process."""
+  env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO))
+  out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                       cwd=REPO, env=env)
+  if out.returncode:
+    sys.exit(f"{what} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def publish(results, title: str, section: str) -> None:

@@ -30,8 +30,6 @@ import json
 import os
 import pathlib
 import resource
-import subprocess
-import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -139,8 +137,7 @@ def main():
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--warmup", type=int, default=10)
   p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
-                 help="RESULTS.md to update ('' = print only)")
+  report.add_results_arg(p)
   p.add_argument("--one", help=argparse.SUPPRESS)  # "batch,dtype,remat": child process.
   a = p.parse_args()
   if a.one:
@@ -150,12 +147,9 @@ def main():
   load, runs = os.getloadavg(), {v: [] for v in VARIANTS}
   for rnd in range(a.rounds):
     for b, d, r in VARIANTS:
-      out = subprocess.run(
-          [sys.executable, __file__, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--one", f"{b},{d},{int(r)}"], capture_output=True, text=True, cwd=REPO)
-      if out.returncode:
-        sys.exit(f"variant batch={b} dtype={d} remat={r} failed:\n{out.stderr[-3000:]}")
-      runs[(b, d, r)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+      runs[(b, d, r)].append(report.run_child(
+          __file__, ["--steps", str(a.steps), "--warmup", str(a.warmup), "--one",
+                     f"{b},{d},{int(r)}"], f"variant batch={b} dtype={d} remat={r}"))
       print(f"round {rnd} batch {b:4d} {d:8s} remat {'on ' if r else 'off'}: "
             f"{runs[(b, d, r)][-1]['ms_per_step']:.2f} ms/step", flush=True)
   rows = []
