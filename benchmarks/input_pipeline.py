@@ -173,6 +173,9 @@ def main():
   p.add_argument("--note", default="", help="text appended to the section")
   p.add_argument("--one", help=argparse.SUPPRESS)  # config name: child process.
   a = p.parse_args()
+  if a.steps < BLOCKS or a.batches < 1:
+    p.error(f"--steps={a.steps} must be >= {BLOCKS} (it is split into {BLOCKS} alternating "
+            f"blocks) and --batches={a.batches} >= 1")
   if a.one:
     print(json.dumps(measure(a.one, a.batches, a.steps)))
     return
