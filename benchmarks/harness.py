@@ -81,7 +81,7 @@ def build_train_step(config, devices=None, workdir: str | None = None) -> TrainS
   state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
   # As train.py on a fresh start: host-loaded method state (a distillation teacher).
   state = state.replace(extra=jax.device_put(method.load_extra(state.extra), state_sh.extra))
-  step = train.jit_train_step(method, tx, schedule, config, state_sh, mesh, rules)
+  step = train.jit_train_step(method, tx, schedule, config, state_sh, mesh)
   return TrainStep(step, state, state_sh, method, mesh, rules, config)
 
 

@@ -67,7 +67,7 @@ def measure(n, g_export, steps):
       {"image": np.random.default_rng(0).uniform(-1, 1, (128, 32, 32, 3)).astype(np.float32)},
       mesh)
   with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    jitted = train.jit_train_step(method, tx, schedule, c, sh, mesh, rules)
+    jitted = train.jit_train_step(method, tx, schedule, c, sh, mesh)
     t = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t

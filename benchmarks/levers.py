@@ -79,7 +79,7 @@ def _build(model_kwargs: dict, image_shape: tuple, batch: int):
   method = SyntheticSupervised(c, mesh)
   tx, schedule = optim.make_optimizer(c.optimizer, c.schedule, c.total_steps)
   _, state_sh = train.abstract_state(method, tx, mesh, rules, jax.random.key(0))
-  step = train.jit_train_step(method, tx, schedule, c, state_sh, mesh, rules)
+  step = train.jit_train_step(method, tx, schedule, c, state_sh, mesh)
   return step, method, tx, mesh, rules, parallel.batch_sharding(mesh)
 
 

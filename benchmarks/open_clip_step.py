@@ -107,7 +107,7 @@ def measure_jax(batch: int, steps: int, warmup: int) -> dict:
   images, tokens = synthetic_batch(batch, IMAGE_SIZE, m.context_length, m.vocab_size)
   gbatch = parallel.global_batch({"image": images, "tokens": tokens}, mesh)
   with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    jitted = train.jit_train_step(method, tx, schedule, config, state_sh, mesh, rules)
+    jitted = train.jit_train_step(method, tx, schedule, config, state_sh, mesh)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t0

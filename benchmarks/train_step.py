@@ -63,7 +63,7 @@ def build_step(config):
   method = methods.get_method(config.method)(config, mesh)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.total_steps)
   state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
-  step = train.jit_train_step(method, tx, schedule, config, state_sh, mesh, rules)
+  step = train.jit_train_step(method, tx, schedule, config, state_sh, mesh)
   it = data.make_train_iterator(config.input, seed=config.seed)
   local = {k: v for k, v in next(it).items() if k in ("image", "label")}
   return step, state, parallel.global_batch(local, mesh), mesh, rules

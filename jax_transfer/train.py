@@ -116,15 +116,16 @@ def create_state(method, tx, mesh, rules, rng, shardings=None):
   return state, shardings
 
 
-def jit_train_step(method, tx, schedule, config, state_sh, mesh, rules):
+def jit_train_step(method, tx, schedule, config, state_sh, mesh):
   """The jitted (not yet compiled) train step: the method's own `train_step`, or the default
   one with gradient accumulation; state donated, batch sharded over the batch axes, metrics
-  replicated. The loop compiles it ahead of time; benchmarks/ time it."""
+  replicated. The loop compiles it ahead of time; benchmarks/ time it. Lower and call it
+  under the mesh and logical-rules context (jax.set_mesh, parallel.with_sharding_rules):
+  that is where it is traced."""
   step_fn = method.train_step or make_default_train_step(method, tx, schedule,
                                                          config.grad_accum_steps)
-  with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-    return jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+  return jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
+                 out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
 
 
 def _abstract(state, shardings):
@@ -271,8 +272,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
   if first_step < config.total_steps:
     batch = next(train_iter)
     with jax.set_mesh(mesh), parallel.with_sharding_rules(rules):
-      train_step = jit_train_step(method, tx, schedule, config, state_sh, mesh,
-                                  rules).lower(state, batch).compile()
+      train_step = jit_train_step(method, tx, schedule, config, state_sh,
+                                  mesh).lower(state, batch).compile()
     flops = mfu.compiled_flops(train_step)
     if flops:
       logging.info("Train step: %.3g FLOPs per device%s", flops,
