@@ -16,7 +16,7 @@ import re
 import flax
 import optax
 
-from jax_transfer.models.vit import STACKED
+from jax_transfer.models.vit import STACKED, block_name
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -56,7 +56,7 @@ def _block_paths(path: str, leaf) -> list[str]:
   shape = getattr(leaf, "shape", None)
   if not shape:
     return [path]
-  return ["/".join(f"encoderblock_{i}" if p == STACKED else p for p in parts)
+  return ["/".join(block_name(i) if p == STACKED else p for p in parts)
           for i in range(shape[0])]
 
 

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_transfer.models.vit import STACKED, stack_blocks
+from jax_transfer.models.vit import STACKED, block_name, stack_blocks
 
 A, B = "learngene_A", "learngene_B"
 _BLOCK = re.compile(r"encoderblock_(\d+)$")
@@ -85,7 +85,7 @@ def expand(learngene, depth: int, stacked: bool = False):
   params = {k: v for k, v in learngene.items() if k not in (A, B)}
   for i in range(depth):
     coef = i / depth  # Python float: the same value in the auxiliary model and descendants.
-    params[f"encoderblock_{i}"] = jax.tree.map(lambda a, b: a + coef * b,
+    params[block_name(i)] = jax.tree.map(lambda a, b: a + coef * b,
                                                learngene[A], learngene[B])
   return stack_blocks(params) if stacked else params
 

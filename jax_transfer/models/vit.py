@@ -302,8 +302,14 @@ def block_class(remat: bool, remat_policy: str = 'nothing_saveable', prevent_cse
                   policy=getattr(jax.checkpoint_policies, remat_policy))
 
 
-STACKED = 'encoderblocks'  # the scanned blocks' subtree; per-block names are encoderblock_{i}
+STACKED = 'encoderblocks'  # the scanned blocks' subtree; per-block names are block_name(i)
 _BLOCK = re.compile(r'encoderblock_(\d+)')
+
+
+def block_name(i: int) -> str:
+  """The canonical name of block i (a path contract: exports, learngene, import_clip, the
+  optimizer's and init's regexes)."""
+  return f'encoderblock_{i}'
 
 
 def encoder_blocks(x, train: bool, *, depth: int, scan: bool = False, remat: bool = False,
@@ -316,7 +322,7 @@ def encoder_blocks(x, train: bool, *, depth: int, scan: bool = False, remat: boo
   block = block_class(remat, remat_policy, prevent_cse=not scan)
   if not scan:
     for i in range(depth):
-      x = block(**block_kwargs, name=f'encoderblock_{i}')(x, train)
+      x = block(**block_kwargs, name=block_name(i))(x, train)
     return x
   scanned = nn.scan(lambda mdl, carry, _: (mdl(carry, train), None),
                     variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
@@ -345,7 +351,7 @@ def stack_blocks(params):
   if idx:
     if idx != list(range(len(idx))) or STACKED in params:
       raise ValueError(f'cannot stack blocks {idx} (need 0..L-1, no {STACKED!r} beside them)')
-    out[STACKED] = jax.tree.map(_stack, *(params[f'encoderblock_{i}'] for i in idx))
+    out[STACKED] = jax.tree.map(_stack, *(params[block_name(i)] for i in idx))
   return out
 
 
@@ -361,7 +367,7 @@ def unstack_blocks(params):
     if len(depth) != 1:
       raise ValueError(f'{STACKED!r} leaves have different leading (layer) sizes {depth}')
     for i in range(depth.pop()):
-      out[f'encoderblock_{i}'] = jax.tree.map(lambda x, i=i: x[i], params[STACKED])
+      out[block_name(i)] = jax.tree.map(lambda x, i=i: x[i], params[STACKED])
   return out
 
 
