@@ -19,6 +19,9 @@ Commands (what experiments/distill/krr_st_digits.py runs):
     --workdir=workdirs/distill/krr --config.distill.target_export=workdirs/distill/g_export
 Hardware: 2 CPU cores. Measured (experiments/distill/README.md, experiments/RESULTS.md): the
 whole experiment with 8 seeds takes 257 s (experiments/distill/krr_st_digits.py --seeds=8).
+Result (8 seeds, fine-tuning with 10 labels per class): pretraining on the 20 distilled images
+gives 0.876, a random 20-image subset 0.871, no pretraining 0.849, g itself (SSL on all 1347
+images) 0.910.
 """
 import ml_collections
 

@@ -19,6 +19,8 @@ Commands (the experiment script runs all of them; see experiments/learngene/READ
     --out=workdirs/learngene/learngene_export
 Hardware: 2 CPU cores. Measured (experiments/learngene/README.md and experiments/RESULTS.md):
 the whole experiment, teacher to 80 descendant runs, takes 490-689 s per learngene with 8 seeds.
+Result (experiments/learngene/run.py --seeds=8, --upstream_seed=0/1/2): the auxiliary model
+reaches 0.956 / 0.960 / 0.903 test accuracy on digits 0-4 (teachers 0.960 / 0.969 / 0.969).
 """
 from jax_transfer.config import base_config
 
