@@ -51,8 +51,8 @@ class TrainStep:
 
   def global_batch(self, local_batch: dict):
     """Host batch (numpy, after method.host_batch) -> global jax.Arrays, as train.py does."""
-    from jax_transfer import parallel
-    return parallel.global_batch(local_batch, self.mesh)
+    from jax_transfer import data, parallel
+    return data.normaliser(self.config.input)(parallel.global_batch(local_batch, self.mesh))
 
   def fresh_state(self):
     """A new train state (e.g. after a failed call deleted the donated one)."""

@@ -12,7 +12,7 @@ import logging
 import ml_collections
 
 # Keys a method may add beyond the base (their sections are validated by the method).
-METHOD_SECTIONS = ("contrastive", "icl", "learngene", "distill", "transfer_eval")
+METHOD_SECTIONS = ("contrastive", "icl", "learngene", "distill", "transfer_eval", "mixup")
 # Sections whose keys depend on a choice (config.model: the model named by model_name);
 # validate() checks them by building the model, whose constructor rejects unknown fields.
 FREE_SECTIONS = ("model",)
@@ -46,7 +46,16 @@ def base_config() -> ml_collections.ConfigDict:
       classes=ml_collections.config_dict.placeholder(tuple),  # tuple: overridable as --config.input.classes="(5,6)"
       examples_per_class=ml_collections.config_dict.placeholder(int), subset_seed=0,
       image_size=ml_collections.config_dict.placeholder(int), num_workers=0, prefetch=2,
-      device_prefetch=1))
+      device_prefetch=1,
+      # Preprocessing recipes (jax_transfer/data/pp/, big_vision style pipe strings), for
+      # training and for evaluation; "" = decode, resize to image_size, value_range(-1, 1).
+      pp="", pp_eval="",
+      # Web-scale image-text training data instead of `dataset`'s train split: webdataset /
+      # img2dataset tars, 'DIR/{00000..00099}.tar', several sources joined by '::' (weighted
+      # by shard_weights); num_samples: the epoch length in samples (jax_transfer/data/shards.py).
+      shards="", shard_weights=ml_collections.config_dict.placeholder(tuple),
+      num_samples=ml_collections.config_dict.placeholder(int), shuffle_buffer=1000,
+      num_threads=8))
   c.eval = ml_collections.ConfigDict(dict(split="test", batch_size=256))
 
   c.model_name = "vit"
@@ -154,6 +163,42 @@ def _check_patches(config, model) -> None:
                       f"not divide them; set input.image_size to a multiple of {patch}")
 
 
+def _check_input(input_cfg) -> None:
+  """Recipes that parse and agree on the image size; shards that exist."""
+  from jax_transfer.data import preprocess
+  from jax_transfer.data.pp.registry import PPError
+  recipes = {}
+  for key, train in (("pp", True), ("pp_eval", False)):
+    try:
+      recipes[key] = preprocess.get_recipe(input_cfg, train)
+    except PPError as e:
+      raise ConfigError(f"input.{key}: {e}") from None
+  sizes = {k: r.out_size for k, r in recipes.items()}
+  if sizes["pp"] != sizes["pp_eval"] and None not in sizes.values():
+    raise ConfigError(f"input.pp makes {sizes['pp']} images but input.pp_eval makes "
+                      f"{sizes['pp_eval']}; the model takes one size")
+  for key, recipe in recipes.items():
+    size = input_cfg.get("image_size")
+    if size and recipe.out_size is not None and recipe.out_size != (size, size):
+      raise ConfigError(f"input.image_size={size} but input.{key} makes {recipe.out_size} "
+                        "images; unset image_size or make them agree")
+  for key in ("num_workers", "num_threads", "shuffle_buffer"):
+    if input_cfg.get(key, 0) < 0:
+      raise ConfigError(f"input.{key}={input_cfg[key]} must be >= 0")
+  if input_cfg.get("shards"):
+    from jax_transfer.data import shards
+    if recipes["pp"].out_size is None:
+      raise ConfigError("input.shards needs input.pp ending at a fixed size (e.g. "
+                        "'decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1, 1)'): "
+                        "web images vary in size")
+    if input_cfg.get("num_samples") is not None and input_cfg.num_samples <= 0:
+      raise ConfigError(f"input.num_samples={input_cfg.num_samples} must be > 0")
+    try:
+      shards.check_shards(input_cfg.shards, input_cfg.get("shard_weights"))
+    except ValueError as e:
+      raise ConfigError(f"input.shards: {e}") from None
+
+
 def validate(config, num_devices: int) -> None:
   """Checks shared by every method. Raises ConfigError (one line) on the first problem."""
   from jax_transfer import methods, models, optim, parallel  # Avoid import cycles.
@@ -199,6 +244,7 @@ def validate(config, num_devices: int) -> None:
     data.dataset_info(config.input.dataset, config.input.data_dir)
   except ValueError as e:  # DatasetNotPreparedError included.
     raise ConfigError(f"input.dataset: {e}") from None
+  _check_input(config.input)
   try:
     model = models.get_model(config.model_name, **model_kwargs(config.model))
   except (ValueError, TypeError) as e:

@@ -223,8 +223,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
   host_iter = data.make_train_iterator(config.input, seed=config.seed,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
+  # Images travel as uint8 and are scaled to the recipe's value range on the devices.
+  normalise = data.normaliser(config.input, train=True)
   train_iter = parallel.DevicePrefetch(
-      host_iter, lambda b: parallel.global_batch(method.host_batch(b), mesh),
+      host_iter, lambda b: normalise(parallel.global_batch(method.host_batch(b), mesh)),
       config.input.device_prefetch)
 
   # ------------------------------------------------------------------------- Model + update.

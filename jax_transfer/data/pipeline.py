@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import threading
 
 from absl import flags
 import grain
@@ -27,9 +26,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jax_transfer.data import builders
-
-_PASSTHROUGH_INT = ('shape', 'color', 'size', 'position')  # shapes_captions.
+from jax_transfer.data import builders, preprocess
+from jax_transfer.data.preprocess import (  # noqa: F401  (the pipeline's public names)
+    CACHE_MAX_BYTES, Preprocess, PreprocessBatch, nested_get)
 
 
 class DatasetNotPreparedError(ValueError):
@@ -42,8 +41,14 @@ class DatasetNotPreparedError(ValueError):
 
 
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """Prepared builder for `name`; embedded datasets are built on first use."""
-  data_dir = data_dir or builders.default_data_dir()
+  """Prepared builder for `name`; embedded datasets are built on first use. Read once per
+  process (dataset_info.json and the split metadata): a run asks for it many times."""
+  return _prepared_builder(name, data_dir or builders.default_data_dir())
+
+
+@functools.lru_cache(maxsize=32)
+def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  # Only prepared builders are returned, so a failure is never cached.
   if name in builders.EMBEDDED:
     builders.ensure_embedded(name, data_dir)
   try:
@@ -78,9 +83,13 @@ def get_source(name: str, split: str, data_dir: str | None = None):
     if part.split('[')[0].strip() not in available:
       raise ValueError(f'Unknown split {split!r} for dataset {name!r}; '
                        f'available splits: {available}.')
+  # Encoded images (tfds Image features: imagenet2012, shapes_jpeg) stay bytes: the recipe's
+  # decode op decodes them, cheaply (ops_image.decode_bytes), and only where it runs.
+  decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+              if isinstance(f, tfds.features.Image)}
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir,
-                            download=False)
+                            download=False, decoders=decoders or None)
   except (ImportError, NotImplementedError) as e:
     # tfrecord-only datasets have no random access; decoding some features
     # (e.g. tfds Video, Sequence) also imports TensorFlow.
@@ -92,7 +101,20 @@ def get_source(name: str, split: str, data_dir: str | None = None):
         f'--file_format=array_record`. Original error: {e}') from e
 
 
-def dataset_info(name: str, data_dir: str | None = None,
+@functools.lru_cache(maxsize=64)
+def _dataset_info(name: str, data_dir: str | None, label_key: str | None) -> dict:
+  return _read_dataset_info(name, data_dir, label_key)
+
+
+def dataset_info(name: str, data_dir: str | None = None, label_key: str | None = None) -> dict:
+  """Metadata used by config validation and evaluators (read once per process): see
+  _read_dataset_info."""
+  info = _dataset_info(name, data_dir or builders.default_data_dir(), label_key)
+  return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+          for k, v in info.items()}
+
+
+def _read_dataset_info(name: str, data_dir: str | None = None,
                  label_key: str | None = None) -> dict:
   """Metadata used by config validation and evaluators.
 
@@ -170,143 +192,20 @@ def _label_key(input_cfg) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Preprocessing (module-level classes: picklable for grain worker processes)
+# Preprocessing: jax_transfer/data/preprocess.py (records, recipes, batches)
 # ----------------------------------------------------------------------------
 
 
-def nested_get(example: dict, path: str):
-  """example['a']['b'] for path 'a/b'; None when absent."""
-  for part in path.split('/'):
-    if not isinstance(example, dict) or part not in example:
-      return None
-    example = example[part]
-  return example
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize of uint8 [H, W, C] to [size, size, C] (PIL, per channel)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  channels = [np.asarray(Image.fromarray(image[..., c]).resize(
-      (size, size), Image.BILINEAR)) for c in range(image.shape[-1])]
-  return np.stack(channels, axis=-1)
-
-
-class Preprocess:
-  """Record index -> model-input dict (see module docstring).
-
-  Two stages, so that batches can run the second one vectorised (PreprocessBatch):
-  `record(i)` reads and decodes record i (image as stored, resized to image_size; label
-  remapped), `normalise(columns)` maps pixels to [-1, 1], elementwise, for one example or a
-  batch alike.
-  """
-
-  def __init__(self, source, input_cfg):
-    self.source = source
-    self.label_key = _label_key(input_cfg)
-    classes = input_cfg.get('classes')
-    # Lookup table old label -> new label; -1 marks dropped classes.
-    self.remap = None
-    if classes is not None:
-      self.remap = np.full(max(classes) + 1, -1, np.int64)
-      self.remap[list(classes)] = np.arange(len(classes))
-    self.image_size = input_cfg.get('image_size')
-    # 'caption' (shapes_captions) or a nested path such as 'captions/text' (coco_captions).
-    self.caption_key = input_cfg.get('caption_key') or 'caption'
-
-  def __call__(self, index) -> dict:
-    return self.normalise(self.record(index))
-
-  def record(self, index) -> dict:
-    """Record `index`, decoded: image [H, W, C] as stored (uint8), label int32 (-1 for a
-    class outside input.classes), caption str, shapes_captions' attributes int32."""
-    ex = self.source[int(index)]
-    image = np.asarray(ex['image'])
-    if image.ndim == 2:
-      image = image[..., None]
-    if self.image_size and image.shape[:2] != (self.image_size,) * 2:
-      image = _resize(image, self.image_size)
-    out = {'image': image}
-    if self.label_key in ex:  # Image-text data (shapes_captions) may have no 'label'.
-      label = int(ex[self.label_key])
-      if self.remap is not None:  # Classes outside input.classes (beyond the table too): -1.
-        label = int(self.remap[label]) if label < len(self.remap) else -1
-      out['label'] = np.int32(label)
-    caption = nested_get(ex, self.caption_key)
-    if caption is not None:
-      if isinstance(caption, (list, tuple, np.ndarray)) and np.ndim(caption):
-        caption = caption[0]  # Several captions per image (coco_captions): the first.
-      out['caption'] = caption.decode() if isinstance(caption, bytes) else str(caption)
-    for key in _PASSTHROUGH_INT:
-      if key in ex:
-        out[key] = np.int32(ex[key])
-    return out
-
-  @staticmethod
-  def normalise(columns: dict) -> dict:
-    """Pixels -> float32 in [-1, 1]; the other columns as they are. Elementwise, so one
-    example and a stacked batch give the same values."""
-    out = dict(columns, image=columns['image'].astype(np.float32) / 127.5 - 1.0)
-    if 'label' in out:
-      assert np.all(out['label'] >= 0), 'index selection must have dropped other classes'
-    return out
-
-
-# Splits whose decoded records take at most this many bytes are decoded once and kept in
-# memory (PreprocessBatch): the embedded digits (86 KB) and shapes_captions (31 MB) are;
-# ImageNet-size splits are not.
-CACHE_MAX_BYTES = 512 * 2**20
-
-
-class PreprocessBatch:
-  """Record indices int [b] -> model-input batch (each column with a leading [b] axis):
-  the values of stacking Preprocess(i) for every i, computed per batch.
-
-  Reading and decoding one record is tens of microseconds of Python (tfds deserialisation),
-  far more than a small model's step spends per example: digits_gpicl's step consumes 1024
-  records in ~18 ms, and the per-record pipeline took ~130 ms for them
-  (benchmarks/RESULTS.md, "Input pipeline vs step"). So a split of at most CACHE_MAX_BYTES
-  (`record_bytes` per record, estimated by the caller) is decoded once, on first use, into
-  one array per column, and a batch is a gather plus one vectorised normalisation. Larger
-  splits are read record by record, as before. Picklable for grain worker processes, each of
-  which then decodes its own copy.
-  """
-
-  def __init__(self, source, input_cfg, record_bytes: int):
-    self.preprocess = Preprocess(source, input_cfg)
-    self.cached = len(source) * record_bytes <= CACHE_MAX_BYTES
-    self._table = None
-    self._lock = threading.Lock()  # Reader threads may ask for the table at once.
-
-  def __getstate__(self):
-    return dict(self.__dict__, _table=None, _lock=None)
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def _columns(self, indices) -> dict:
-    records = [self.preprocess.record(i) for i in indices]
-    return {k: np.stack([r[k] for r in records]) for k in records[0]}
-
-  def _table_columns(self) -> dict:
-    with self._lock:
-      if self._table is None:
-        self._table = self._columns(range(len(self.preprocess.source)))
-    return self._table
-
-  def __call__(self, indices) -> dict:
-    indices = np.asarray(indices)
-    if self.cached:
-      columns = {k: v[indices] for k, v in self._table_columns().items()}
-    else:
-      columns = self._columns(indices)
-    return Preprocess.normalise(columns)
-
-
-def _record_bytes(input_cfg) -> int:
-  """Memory of one decoded record: its image as uint8 (after image_size) plus 256 bytes
-  for the label, caption and attributes."""
-  h, w, c = image_shape(input_cfg)
+def _record_bytes(input_cfg, train: bool = True) -> int | None:
+  """Memory of one record after the recipe's deterministic leading ops (what
+  PreprocessBatch caches): its image as uint8 plus 256 bytes for the label, caption and
+  attributes. None when that size is not fixed (encoded images before a random crop)."""
+  recipe = preprocess.get_recipe(input_cfg, train)
+  h, w, c = dataset_info(input_cfg.dataset, input_cfg.get('data_dir'))['image_shape']
+  if recipe.head_out_size is not None:
+    h, w = recipe.head_out_size
+  if h is None or w is None or c is None:
+    return None
   return h * w * c + 256
 
 
@@ -400,9 +299,9 @@ def _per_process_batch(global_batch_size: int, process_count: int) -> int:
 
 
 def _finish(ds: grain.MapDataset, input_cfg, make_batch) -> grain.IterDataset:
-  """Batches of record indices `ds` -> model-input batches (`make_batch`, vectorised:
-  PreprocessBatch), read with threads, and optionally with worker processes."""
-  ds = ds.map(make_batch)
+  """Batches of record indices `ds` -> model-input batches (`make_batch(k, element)` of the
+  k-th batch: PreprocessBatch), read with threads, and optionally with worker processes."""
+  ds = ds.map_with_index(make_batch)
   # Batches before to_iter_dataset: each reader thread builds a whole batch
   # and `prefetch` counts batches; more threads than buffer slots would idle.
   prefetch = max(1, input_cfg.get('prefetch', 2))
@@ -428,11 +327,15 @@ def make_train_iterator(input_cfg: ml_collections.ConfigDict, *, seed: int,
   """Infinite, shuffled, checkpointable iterator over `input_cfg.train_split`.
 
   Yields dicts of numpy arrays with leading dim
-  b = global_batch_size // process_count (e.g. image float32 [b, H, W, C]).
-  Each epoch is reshuffled (the epoch is folded into the shuffle seed).
-  `it.get_state()` is a JSON-serialisable dict; `it.set_state(s)` resumes
-  with exactly the batches that followed the saved state.
+  b = global_batch_size // process_count (e.g. image uint8 [b, H, W, C]: `normaliser` maps it
+  to the recipe's value range on the devices). Each epoch is reshuffled (the epoch is folded
+  into the shuffle seed). `it.get_state()` is a JSON-serialisable dict; `it.set_state(s)`
+  resumes with exactly the batches that followed the saved state. With `input.shards` the
+  examples come from webdataset tars instead (jax_transfer/data/shards.py).
   """
+  if input_cfg.get('shards'):
+    return make_shard_iterator(input_cfg, seed=seed, process_index=process_index,
+                               process_count=process_count)
   b = _per_process_batch(input_cfg.global_batch_size, process_count)
   data_dir = input_cfg.get('data_dir') or builders.default_data_dir()
   source = get_source(input_cfg.dataset, input_cfg.train_split, data_dir)
@@ -442,8 +345,34 @@ def make_train_iterator(input_cfg: ml_collections.ConfigDict, *, seed: int,
   # Global stream of record indices, identical on every process.
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
   ds = _ShuffledBatches(indices, shuffle_seed, process_index, process_count, b)
-  return iter(_finish(ds, input_cfg,
-                      PreprocessBatch(source, input_cfg, _record_bytes(input_cfg))))
+  make_batch = PreprocessBatch(source, input_cfg, _record_bytes(input_cfg), seed=seed)
+  return iter(_finish(ds, input_cfg, _TrainBatch(make_batch, b, process_index, process_count)))
+
+
+class _TrainBatch:
+  """(step, record indices [b]) -> batch; each example's stream position (its augmentation
+  rng) is step * B + p * b + j, the same for any number of processes and workers."""
+
+  def __init__(self, preprocess_batch: PreprocessBatch, b: int, p: int, n: int):
+    self.preprocess_batch, self.b, self.p, self.n = preprocess_batch, b, p, n
+
+  def __call__(self, step, indices) -> dict:
+    positions = step * self.b * self.n + self.p * self.b + np.arange(self.b)
+    return self.preprocess_batch(positions, indices)
+
+
+def make_shard_iterator(input_cfg, *, seed: int, process_index: int = 0,
+                        process_count: int = 1):
+  """The training iterator over webdataset / img2dataset tars (`input.shards`): the
+  training recipe on each sample's image, its caption (`txt`) and the integer fields of its
+  `json`. Checkpointable like make_train_iterator (shards.ShardIterator)."""
+  from jax_transfer.data import shards  # pylint: disable=g-import-not-at-top
+  return shards.ShardIterator(
+      input_cfg.shards, seed=seed, process_index=process_index, process_count=process_count,
+      batch_size=_per_process_batch(input_cfg.global_batch_size, process_count),
+      example_fn=preprocess.ShardExample(input_cfg), weights=input_cfg.get('shard_weights'),
+      shuffle_buffer=input_cfg.get('shuffle_buffer', 1000),
+      num_threads=input_cfg.get('num_threads', 8), num_samples=input_cfg.get('num_samples'))
 
 
 class _EvalBatch:
@@ -453,10 +382,11 @@ class _EvalBatch:
   def __init__(self, preprocess_batch: PreprocessBatch, indices: np.ndarray):
     self.preprocess_batch, self.indices = preprocess_batch, indices
 
-  def __call__(self, positions) -> dict:
+  def __call__(self, step, positions) -> dict:
+    del step
     positions = np.asarray(positions)
     valid = positions < len(self.indices)
-    batch = self.preprocess_batch(self.indices[np.where(valid, positions, 0)])
+    batch = self.preprocess_batch(positions, self.indices[np.where(valid, positions, 0)])
     batch['mask'] = valid
     return batch
 
@@ -481,7 +411,8 @@ def make_eval_iterator(input_cfg: ml_collections.ConfigDict, split: str, *,
   num_batches = -(-len(indices) // batch_size)  # ceil
   ds = grain.MapDataset.range(num_batches * batch_size)
   ds = _ProcessSlice(ds, process_index, process_count, b).batch(b, drop_remainder=True)
-  make_batch = PreprocessBatch(source, input_cfg, _record_bytes(input_cfg))
+  make_batch = PreprocessBatch(source, input_cfg, _record_bytes(input_cfg, train=False),
+                               train=False)
   return _finish(ds, input_cfg, _EvalBatch(make_batch, indices))
 
 
@@ -494,8 +425,13 @@ def num_classes(input_cfg: ml_collections.ConfigDict) -> int:
 
 
 def image_shape(input_cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of the `image` the pipeline yields: the dataset's, or resized to
-  input_cfg.image_size. What models are initialised with."""
+  """(H, W, C) of the `image` the pipeline yields: the training recipe's output size (its last
+  sizing op, e.g. inception_crop(224)), else the dataset's, resized to input.image_size if
+  set. What models are initialised with."""
   h, w, c = dataset_info(input_cfg.dataset, input_cfg.get('data_dir'))['image_shape']
-  size = input_cfg.get('image_size')
-  return (size, size, c) if size else (h, w, c)
+  recipe = preprocess.get_recipe(input_cfg, train=True)
+  if recipe.out_size is not None:
+    h, w = recipe.out_size
+  elif input_cfg.get('image_size'):
+    h = w = input_cfg.image_size
+  return (h, w, c or 3)

@@ -26,10 +26,11 @@ def embed_split(jfn: Callable, params, input_cfg, split: str, batch_size: int, m
   after that many examples. Callers jit `jfn` once (in their __init__), so repeated
   evaluations reuse the compiled function."""
   outs, cols, seen = [], {k: [] for k in keep}, 0
+  normalise = data.normaliser(input_cfg, train=False)  # uint8 -> value range, on device.
   for local in data.make_eval_iterator(input_cfg, split, batch_size=batch_size,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
-    batch = parallel.global_batch(inputs(local), mesh)
+    batch = normalise(parallel.global_batch(inputs(local), mesh))
     host = jax.tree.map(to_host, parallel.global_batch(
         {k: np.asarray(local[k]) for k in ("mask", *keep)}, mesh))
     mask = host["mask"]

@@ -59,7 +59,7 @@ def load_split(input_cfg, split: str, label_key: str | None = None, limit: int |
   xs, ys, n = [], [], 0
   for b in data.make_eval_iterator(cfg, split, batch_size=256):
     m = b["mask"]
-    xs.append(b["image"][m].reshape(int(m.sum()), -1))
+    xs.append(data.host_normalise(b["image"][m], cfg, train=False).reshape(int(m.sum()), -1))
     ys.append(b["label"][m])
     n += int(m.sum())
     if limit and n >= limit:

@@ -50,7 +50,8 @@ def read_images(input_cfg, split: str, indices) -> np.ndarray:
   exactly as the training pipeline does (its record -> example function)."""
   source = pipeline.get_source(input_cfg.dataset, split, input_cfg.data_dir)
   prep = pipeline.Preprocess(source, input_cfg)  # The loader's own preprocessing.
-  return np.stack([prep(i)["image"] for i in indices]).astype(np.float32)
+  return data.host_normalise(np.stack([prep(i, position=j)["image"]
+                                       for j, i in enumerate(indices)]), input_cfg)
 
 
 def load_target(export_dir: str):

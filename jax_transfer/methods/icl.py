@@ -112,7 +112,9 @@ class ICL(Method):
     self.mean, self.std = icl_tasks.feature_stats(x)
 
   def host_batch(self, batch):
-    x = icl_tasks.znormalise(batch["image"], self.mean, self.std)
+    # The host builds sequences from pixels, so they are scaled here, as load_split's are.
+    images = data.host_normalise(batch["image"], self.config.input)
+    x = icl_tasks.znormalise(images, self.mean, self.std)
     return {"x": x, "y": np.asarray(batch["label"], np.int32)}
 
   def init_params(self, rng):
