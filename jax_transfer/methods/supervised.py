@@ -1,11 +1,23 @@
 """Supervised image classification (ViT): pretraining, and transfer by fine-tuning or linear
-probe (config.optimizer.trainable_regex='^head/') from an export (config.init)."""
+probe (config.optimizer.trainable_regex='^head/') from an export (config.init).
+
+Optional batch-level mixup / cutmix and label smoothing (timm's Mixup, batch mode; see
+augment.mixup_cutmix), off unless set:
+  config.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5,
+                      label_smoothing=0.0)
+With any of them on, the train loss is softmax cross-entropy against the soft targets; the
+mix is keyed by fold_in(step rng, MIXUP_SALT) (dropout keeps the step rng), so a resumed run
+draws the same mixes. With both alphas and label_smoothing 0 the loss is the integer-label
+one, unchanged. Train accuracy stays argmax(logits) == the batch's own labels.
+"""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-from jax_transfer import config as config_lib, data, models
+from jax_transfer import augment, config as config_lib, data, models
 from jax_transfer.evaluators.classification import ClassificationEvaluator
 from jax_transfer.methods.base import Method
 
@@ -15,10 +27,43 @@ def build_model(config):
   return models.get_model(config.model_name, **config_lib.model_kwargs(config.model))
 
 
+MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5,
+                      label_smoothing=0.0)
+MIXUP_SALT = 0x6D6978  # 'mix': fold_in constant of the mixup key (the step rng is dropout's).
+
+
+def mixup_config(config) -> dict:
+  """config.mixup (absent: off) merged over MIXUP_DEFAULTS; raises ConfigError on unknown keys
+  or out-of-range values."""
+  section = config.get("mixup")
+  if section is None:
+    return dict(MIXUP_DEFAULTS)
+  given = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
+  unknown = sorted(set(given) - set(MIXUP_DEFAULTS))
+  if unknown:
+    raise config_lib.ConfigError(f"unknown config key(s) mixup.{unknown[0]}; allowed keys "
+                                 f"here: {sorted(MIXUP_DEFAULTS)}")
+  c = {**MIXUP_DEFAULTS, **given}
+  for k, v in c.items():
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      raise config_lib.ConfigError(f"config key 'mixup.{k}' must be float, got {v!r}")
+  for k in ("mixup_alpha", "cutmix_alpha"):
+    if c[k] < 0:
+      raise config_lib.ConfigError(f"mixup.{k}={c[k]} must be >= 0")
+  for k in ("prob", "switch_prob"):
+    if not 0 <= c[k] <= 1:
+      raise config_lib.ConfigError(f"mixup.{k}={c[k]} must be in [0, 1]")
+  if not 0 <= c["label_smoothing"] < 1:
+    raise config_lib.ConfigError(f"mixup.label_smoothing={c['label_smoothing']} must be in "
+                                 f"[0, 1)")
+  return {k: float(v) for k, v in c.items()}
+
+
 class Supervised(Method):
 
   @staticmethod
   def validate_config(config):
+    mixup_config(config)
     c = config.input
     info = data.dataset_info(c.dataset, c.data_dir, label_key=c.label_key)
     n = info["num_classes"]
@@ -37,17 +82,31 @@ class Supervised(Method):
     super().__init__(config, mesh, workdir)
     self.model = build_model(config)
     self.image_shape = data.image_shape(config.input)
+    self.mixup = mixup_config(config)
 
   def init_params(self, rng):
     dummy = jnp.zeros((1, *self.image_shape), jnp.float32)
     return self.model.init({"params": rng}, dummy, train=False)["params"]
 
   def loss_fn(self, params, extra, batch, rng):
-    logits, _ = self.model.apply({"params": params}, batch["image"], train=True,
-                                 rngs={"dropout": rng})
+    m = self.mixup
     labels = batch["label"]  # The pipeline's (remapped) input.label_key column.
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels).mean()
+    images, targets = batch["image"], None
+    if m["mixup_alpha"] > 0 or m["cutmix_alpha"] > 0 or m["label_smoothing"] > 0:
+      targets = augment.smooth_one_hot(labels, self.config.model.num_classes,
+                                       m["label_smoothing"])
+      if m["mixup_alpha"] > 0 or m["cutmix_alpha"] > 0:
+        images, targets = augment.mixup_cutmix(
+            jax.random.fold_in(rng, MIXUP_SALT), images, targets,
+            mixup_alpha=m["mixup_alpha"], cutmix_alpha=m["cutmix_alpha"], prob=m["prob"],
+            switch_prob=m["switch_prob"])
+    logits, _ = self.model.apply({"params": params}, images, train=True,
+                                 rngs={"dropout": rng})
+    if targets is None:
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), labels).mean()
+    else:
+      loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, ({"accuracy": accuracy}, extra)
 
