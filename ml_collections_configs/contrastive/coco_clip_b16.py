@@ -42,6 +42,7 @@ import math
 
 import ml_collections
 
+from ml_collections_configs import recipes
 from ml_collections_configs.contrastive import shapes_clip
 
 
@@ -61,6 +62,8 @@ def get_config(arg: str = ""):
   c.input.dataset = "coco_captions"
   c.input.caption_key = "captions/text"
   c.input.image_size = 224
+  c.input.pp = recipes.clip_train(224)       # open_clip: random-resized crop 90-100 %, bicubic.
+  c.input.pp_eval = recipes.clip_eval(224)
   c.input.global_batch_size = 32_768
   c.input.num_workers = 16
   c.eval.split = "val"

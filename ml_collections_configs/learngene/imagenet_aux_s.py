@@ -6,8 +6,10 @@ distillation (α = 1, τ = 1) for 150 epochs with DeiT's defaults (AdamW lr 5e-4
 at batch 1024, weight decay 0.05, 5 warmup epochs, cosine) -- TLEG's Aux-S recipe
 (REFERENCES.md). The paper's teacher is LeViT-384; here any supervised export works, e.g. the
 ViT-B/16 of supervised/imagenet_vit_b16.py (exported with `python -m jax_transfer.export`).
-DeiT's augmentations (RandAugment, mixup, cutmix, random erasing) are not in this platform's
-pipeline, so expect lower numbers than the paper's.
+Input: Inception crop + flip for training, resize_small(256)|central_crop(224) for evaluation
+(ml_collections_configs/recipes.py). DeiT's RandAugment, mixup / cutmix and random erasing are
+not applied (the method's loss is distillation, whose soft targets mixup would need to mix
+too), so expect lower numbers than the paper's.
 
 Arguments (comma-separated):
   (none)    TPU v4-32, 16 devices: mesh data=16 (pure data parallel, 64 images per chip).
@@ -39,6 +41,7 @@ Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was availab
 paper's Aux-S is trained for 150 epochs. runlocal: see experiments/learngene/README.md.
 """
 from jax_transfer.config import base_config
+from ml_collections_configs import recipes
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 GLOBAL_BATCH = 1024
@@ -71,6 +74,8 @@ def get_config(arg: str = ""):
 
   c.input.dataset = "imagenet2012"
   c.input.image_size = 224
+  c.input.pp = recipes.imagenet_train(224, randaug=False)  # Inception crop + flip.
+  c.input.pp_eval = recipes.imagenet_eval(224)
   c.input.global_batch_size = GLOBAL_BATCH
   c.input.num_workers = 32
   c.input.prefetch = 4
@@ -103,6 +108,7 @@ def get_config(arg: str = ""):
     c.input.dataset = "digits"
     c.input.classes = (0, 1, 2, 3, 4)
     c.input.image_size = None
+    c.input.pp = c.input.pp_eval = ""  # digits are 8x8 tensors: the default recipe.
     c.input.global_batch_size = 32
     c.input.num_workers = 0
     c.input.prefetch = 2

@@ -5,8 +5,9 @@ momentum 0.9, no weight decay, batch 512, 10k steps, 500 linear warmup steps the
 gradients clipped to global norm 1.0, every parameter loaded from the export except the head,
 which starts at zero (ViT's head_zero_init). big_vision sweeps lr in {0.001, 0.003, 0.01, 0.03}
 and fine-tunes at 384px; here lr 0.03 at 224px, so the position embeddings of a 224px export
-(14x14 patches + cls = 197) load unchanged. CIFAR-10's 32x32 images are upsampled to 224
-bilinearly; big_vision's random crop + flip are not in this pipeline. Compute in bfloat16.
+(14x14 patches + cls = 197) load unchanged. Input as big_vision's transfer configs
+(ml_collections_configs/recipes.py): decode|inception_crop(224)|flip_lr for training,
+decode|resize(224) for evaluation. Compute in bfloat16.
 
 Needs an export of a ViT-B/16 trained at 224 with pool='cls' and the same param layout, e.g.
 from ml_collections_configs/supervised/imagenet_vit_b16.py:
@@ -31,7 +32,7 @@ Command (8-accelerator host; TFDS cifar10 prepared as array_record in $TFDS_DATA
 Hardware, wall time, result -- NOT MEASURED HERE (no accelerator was available):
   The full fine-tune has not been run from this codebase. For orientation only: the ViT paper
   (Table 5) reports 98.13% CIFAR-10 test accuracy for an ImageNet-1k-pretrained B/16
-  fine-tuned at 384px; expect somewhat less at 224px without crop/flip augmentation, and far
+  fine-tuned at 384px; expect somewhat less at 224px, and far
   less from a weaker upstream. 10k steps x 512 images x ~53 GFLOPs/image (fwd+bwd at 224)
   ~ 2.7e17 FLOPs: well under an hour on 8 modern accelerators if the input keeps up.
   Measured, runlocal only (2 CPU cores, AMD EPYC, jax 0.10.2 on CPU, shared machine):
@@ -48,6 +49,7 @@ Hardware, wall time, result -- NOT MEASURED HERE (no accelerator was available):
   not evidence of transfer; experiments/ holds the measured transfer comparisons.
 """
 from jax_transfer.config import base_config
+from ml_collections_configs import recipes
 
 
 def get_config(arg: str = ""):
@@ -70,6 +72,8 @@ def get_config(arg: str = ""):
   c.input.dataset = "cifar10"
   c.input.train_split = "train[:98%]"
   c.input.image_size = 224
+  c.input.pp = recipes.transfer_train(224)   # big_vision transfer: inception crop + flip.
+  c.input.pp_eval = recipes.transfer_eval(224)
   c.input.global_batch_size = 512
   c.input.num_workers = 16
   c.input.prefetch = 4
@@ -107,6 +111,7 @@ def get_config(arg: str = ""):
     c.input.classes = (5, 6, 7, 8, 9)
     c.input.train_split = "train"
     c.input.image_size = None
+    c.input.pp = c.input.pp_eval = ""  # digits are 8x8 tensors: the default recipe.
     c.input.global_batch_size = 32
     c.input.num_workers = 0
     c.input.prefetch = 2

@@ -1,14 +1,13 @@
 r"""ViT-B/16 trained from scratch on ImageNet-1k (ILSVRC-2012) at 224px: a pod config.
 
-Recipe: the original ViT ImageNet-only recipe (Dosovitskiy et al. 2021, App. B.1): AdamW
-(b1 0.9, b2 0.999) with lr 3e-3 and weight decay 0.1 (optax couples it to the lr, as the
-paper's Flax Adam did), global batch 4096, 10k linear warmup steps then cosine decay to 0,
-gradients clipped to global norm 1.0; 300 epochs (default) or 90 (`ep90`). big_vision's
-vit_i1k.py keeps the batch, warmup, clip and 300 epochs but trains with lr 1e-3, wd 1e-4
-(decoupled) *plus* RandAugment + mixup ("medium2"); this platform's input pipeline has no
-augmentation (only a bilinear resize to 224), so the paper's heavier weight decay is the
-regulariser here. Compute in bfloat16 (params and optimiser state stay float32), blocks
-rematerialised (activation memory ~ one block instead of twelve).
+Recipe: big_vision's vit_i1k.py ("medium2", Steiner et al. 2021's AugReg): AdamW (b1 0.9,
+b2 0.999) with lr 1e-3 and weight decay 0.1 in optax's convention (optax multiplies it by the
+lr: 0.1 x 1e-3 = big_vision's decoupled 1e-4), global batch 4096, 10k linear warmup steps then
+cosine decay to 0, gradients clipped to global norm 1.0; 300 epochs (default) or 90 (`ep90`).
+Input (ml_collections_configs/recipes.py): decode_jpeg_and_inception_crop(224)|flip_lr|
+randaug(2, 15) for training, resize_small(256)|central_crop(224) for evaluation, and mixup
+with ratio ~ Beta(0.5, 0.5) on every batch. Compute in bfloat16 (params and optimiser state
+stay float32), blocks rematerialised (activation memory ~ one block instead of twelve).
 
 Arguments (comma-separated, e.g. `:gpu8,ep90`):
   (none)    TPU v4-32: 16 chips = 16 JAX devices (4 hosts x 4 chips; v4 chips are megacore,
@@ -42,11 +41,12 @@ Command (every host of the v4-32 runs the same command; jax.distributed starts i
 
 Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was available):
   The full runs (v4-32 and 8x GPU) have not been run from this codebase. For orientation
-  only: the ViT paper reports 77.9% ImageNet top-1 for B/16 trained this way (with
-  inception crop + flip, which this pipeline lacks, so expect lower), and ~3x the
+  only: AugReg reports ~79-80% ImageNet top-1 for B/16 with this medium2 recipe at 300
+  epochs (the original ViT recipe without RandAugment/mixup: 77.9%), and ~3x the
   per-image FLOPs of B/16 at 224 x 384M images is ~2.7e19 FLOPs with remat, i.e. roughly
-  7 h on a v4-32 at 50% MFU -- if the input pipeline keeps up (it decodes and resizes JPEGs
-  in Python; raise input.num_workers until steps/s stops rising).
+  7 h on a v4-32 at 50% MFU -- if the input pipeline keeps up: benchmarks/RESULTS.md ("JPEG
+  pipeline at 224 px vs tf.data") gives images/s per host core for this recipe and the cores
+  a host needs; raise input.num_workers until steps/s stops rising.
   Measured, runlocal only (2 CPU cores, AMD EPYC, jax 0.10.2 on CPU, shared machine):
     python -m jax_transfer.main \
       --config=ml_collections_configs/supervised/imagenet_vit_b16.py:runlocal \
@@ -56,6 +56,7 @@ Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was availab
   run, far from converged (the full digits_vit.py run is the converged reference).
 """
 from jax_transfer.config import base_config
+from ml_collections_configs import recipes
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 GLOBAL_BATCH = 4096
@@ -93,11 +94,15 @@ def get_config(arg: str = ""):
   c.input.dataset = "imagenet2012"
   c.input.train_split = "train"
   c.input.image_size = 224
+  c.input.pp = recipes.imagenet_train(224)   # Inception crop, flip, RandAugment(2, 15).
+  c.input.pp_eval = recipes.imagenet_eval(224)  # resize_small(256)|central_crop(224).
   c.input.global_batch_size = GLOBAL_BATCH
-  c.input.num_workers = 32         # Per host; JPEG decode + resize is the bottleneck.
+  c.input.num_workers = 32         # Per host (benchmarks/RESULTS.md: cores needed per host).
   c.input.prefetch = 4
   c.eval.split = "validation"
   c.eval.batch_size = 1024
+  # big_vision vit_i1k "medium2": mixup with ratio ~ Beta(0.5, 0.5) on every batch.
+  c.mixup = dict(mixup_alpha=0.5)
 
   # ---- Model.
   c.model.variant = "b/16"
@@ -108,8 +113,8 @@ def get_config(arg: str = ""):
 
   # ---- Optimiser (ViT paper App. B.1; big_vision vit_i1k: warmup 10k, clip 1.0).
   c.optimizer.name = "adamw"
-  c.optimizer.lr = 3e-3
-  c.optimizer.weight_decay = 0.1
+  c.optimizer.lr = 1e-3
+  c.optimizer.weight_decay = 0.1    # x lr = big_vision's decoupled 1e-4.
   c.optimizer.b1, c.optimizer.b2 = 0.9, 0.999
   c.optimizer.grad_clip_norm = 1.0
   c.schedule.name = "cosine"
@@ -126,6 +131,8 @@ def get_config(arg: str = ""):
     c.input.classes = (0, 1, 2, 3, 4)
     c.input.train_split = "train"
     c.input.image_size = None
+    c.input.pp = c.input.pp_eval = ""     # digits are 8x8 tensors: the default recipe.
+    c.mixup = dict(mixup_alpha=0.0)
     c.input.global_batch_size = 32
     c.input.num_workers = 0
     c.input.prefetch = 2
