@@ -115,7 +115,11 @@ def test_imagenet_recipe():
   assert (c.model.variant, c.input.image_size) == ("b/16", 224)
   assert (c.model.dtype, c.model.remat) == ("bfloat16", True)
   assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.grad_clip_norm,
-          c.schedule.warmup_steps) == (3e-3, 0.1, 1.0, 10_000)
+          c.schedule.warmup_steps) == (1e-3, 0.1, 1.0, 10_000)
+  # big_vision vit_i1k medium2: inception crop + flip + RandAugment(2, 15), mixup 0.5.
+  assert c.input.pp.startswith("decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2, 15)")
+  assert c.input.pp_eval.startswith("decode|resize_small(256)|central_crop(224)")
+  assert c.mixup.mixup_alpha == 0.5
   assert c.input.global_batch_size // (c.mesh.data * c.mesh.fsdp) == 256
   with pytest.raises(config_lib.ConfigError, match="mesh"):
     config_lib.validate(c, 8)  # A v4-32 config on an 8-device host must not run silently.

@@ -42,7 +42,7 @@ import math
 
 import ml_collections
 
-from ml_collections_configs import recipes
+from jax_transfer.data.pp import recipes
 from ml_collections_configs.contrastive import shapes_clip
 
 

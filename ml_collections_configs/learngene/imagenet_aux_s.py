@@ -7,7 +7,7 @@ at batch 1024, weight decay 0.05, 5 warmup epochs, cosine) -- TLEG's Aux-S recip
 (REFERENCES.md). The paper's teacher is LeViT-384; here any supervised export works, e.g. the
 ViT-B/16 of supervised/imagenet_vit_b16.py (exported with `python -m jax_transfer.export`).
 Input: Inception crop + flip for training, resize_small(256)|central_crop(224) for evaluation
-(ml_collections_configs/recipes.py). DeiT's RandAugment, mixup / cutmix and random erasing are
+(jax_transfer/data/pp/recipes.py). DeiT's RandAugment, mixup / cutmix and random erasing are
 not applied (the method's loss is distillation, whose soft targets mixup would need to mix
 too), so expect lower numbers than the paper's.
 
@@ -41,7 +41,7 @@ Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was availab
 paper's Aux-S is trained for 150 epochs. runlocal: see experiments/learngene/README.md.
 """
 from jax_transfer.config import base_config
-from ml_collections_configs import recipes
+from jax_transfer.data.pp import recipes
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 GLOBAL_BATCH = 1024

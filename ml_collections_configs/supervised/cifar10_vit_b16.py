@@ -6,7 +6,7 @@ gradients clipped to global norm 1.0, every parameter loaded from the export exc
 which starts at zero (ViT's head_zero_init). big_vision sweeps lr in {0.001, 0.003, 0.01, 0.03}
 and fine-tunes at 384px; here lr 0.03 at 224px, so the position embeddings of a 224px export
 (14x14 patches + cls = 197) load unchanged. Input as big_vision's transfer configs
-(ml_collections_configs/recipes.py): decode|inception_crop(224)|flip_lr for training,
+(jax_transfer/data/pp/recipes.py): decode|inception_crop(224)|flip_lr for training,
 decode|resize(224) for evaluation. Compute in bfloat16.
 
 Needs an export of a ViT-B/16 trained at 224 with pool='cls' and the same param layout, e.g.
@@ -49,7 +49,7 @@ Hardware, wall time, result -- NOT MEASURED HERE (no accelerator was available):
   not evidence of transfer; experiments/ holds the measured transfer comparisons.
 """
 from jax_transfer.config import base_config
-from ml_collections_configs import recipes
+from jax_transfer.data.pp import recipes
 
 
 def get_config(arg: str = ""):

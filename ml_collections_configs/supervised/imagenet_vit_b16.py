@@ -4,7 +4,7 @@ Recipe: big_vision's vit_i1k.py ("medium2", Steiner et al. 2021's AugReg): AdamW
 b2 0.999) with lr 1e-3 and weight decay 0.1 in optax's convention (optax multiplies it by the
 lr: 0.1 x 1e-3 = big_vision's decoupled 1e-4), global batch 4096, 10k linear warmup steps then
 cosine decay to 0, gradients clipped to global norm 1.0; 300 epochs (default) or 90 (`ep90`).
-Input (ml_collections_configs/recipes.py): decode_jpeg_and_inception_crop(224)|flip_lr|
+Input (jax_transfer/data/pp/recipes.py): decode_jpeg_and_inception_crop(224)|flip_lr|
 randaug(2, 15) for training, resize_small(256)|central_crop(224) for evaluation, and mixup
 with ratio ~ Beta(0.5, 0.5) on every batch. Compute in bfloat16 (params and optimiser state
 stay float32), blocks rematerialised (activation memory ~ one block instead of twelve).
@@ -56,7 +56,7 @@ Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was availab
   run, far from converged (the full digits_vit.py run is the converged reference).
 """
 from jax_transfer.config import base_config
-from ml_collections_configs import recipes
+from jax_transfer.data.pp import recipes
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 GLOBAL_BATCH = 4096
