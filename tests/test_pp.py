@@ -225,6 +225,12 @@ def test_random_recipe_resumes_and_matches_across_workers_and_processes(data_dir
   workers = pipeline.make_train_iterator(_aug_cfg(data_dir, num_workers=2), seed=0)
   for a, b in zip(_take(workers, 2), first):
     np.testing.assert_array_equal(a['image'], b['image'])
+  # ... and resume exactly from a state saved with workers.
+  worker_state = workers.get_state()
+  resumed = pipeline.make_train_iterator(_aug_cfg(data_dir, num_workers=2), seed=0)
+  resumed.set_state(worker_state)
+  for a, b in zip(_take(resumed, 3), want):
+    np.testing.assert_array_equal(a['image'], b['image'])
   # Two processes' halves concatenate to the 1-process batch, augmentations included.
   halves = [_take(pipeline.make_train_iterator(cfg, seed=0, process_index=p,
                                                process_count=2), 2) for p in range(2)]
