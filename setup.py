@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "importlib_resources",  # tfds imports it but does not declare it
     "pillow",  # tfds image utilities
+    "simplejpeg==1.9.0",  # JPEG encoding of the embedded shapes_jpeg / shapes_wds (libjpeg-turbo)
+    "opencv-python-headless==4.14.0.94",  # tfds decodes Image features with cv2 when present
     "array_record==0.8.6",
     "grain==0.2.18",
     "scikit-learn==1.9.1",

@@ -19,11 +19,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """Embedded datasets built once per session; JAX_TRANSFER_DATA_DIR points code at them."""
+  """Embedded datasets (and the shapes_wds shards) built once per session;
+  JAX_TRANSFER_DATA_DIR points code at them."""
   from jax_transfer.data import builders
   path = os.environ.get("JAX_TRANSFER_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
   for name in builders.EMBEDDED:
     builders.ensure_embedded(name, path)
+  builders.ensure_shapes_wds(path)
   os.environ["JAX_TRANSFER_DATA_DIR"] = path
   return path
 

@@ -2,8 +2,10 @@
 
   python -m jax_transfer.data.build [--data_dir=DIR]
 
-DIR defaults to $JAX_TRANSFER_DATA_DIR, else ~/tensorflow_datasets. Needs no
-network and no TensorFlow; takes a few seconds.
+The TFDS builders of builders.EMBEDDED (digits, shapes_captions, shapes_jpeg)
+and the webdataset shards DIR/shapes_wds/ (builders.ensure_shapes_wds). DIR
+defaults to $JAX_TRANSFER_DATA_DIR, else ~/tensorflow_datasets. Needs no
+network and no TensorFlow; takes about 20 s (what is present is kept).
 """
 
 import argparse
@@ -20,6 +22,7 @@ def main(argv=None) -> None:
   data_dir = args.data_dir or builders.default_data_dir()
   for name in builders.EMBEDDED:
     print(f'{name}: {builders.ensure_embedded(name, data_dir)}', flush=True)
+  print(f'{builders.WDS_NAME}: {builders.ensure_shapes_wds(data_dir)}', flush=True)
 
 
 if __name__ == '__main__':

@@ -4,17 +4,31 @@
   sklearn wheel), image (8, 8, 1) uint8 in 0..255, label ClassLabel(10).
 * `shapes_captions`: procedurally rendered 32x32 RGB images of one coloured
   shape with a compositional caption, e.g. "a large red circle at the top left".
+* `shapes_jpeg`: the same shapes as JPEG files of varying size (96-500 px a
+  side), in the record layout of TFDS `imagenet2012` (image: encoded JPEG,
+  label: ClassLabel of the 6 shapes, file_name); train 4,000, validation 500.
+  Decoded at 224x224x3 the train split exceeds pipeline.CACHE_MAX_BYTES, so it
+  takes the pipeline's record-by-record (ImageNet) path.
 
-Both are written as array_record so `tfds.data_source` gives random access
-(grain needs it), and use only features whose encoding is pure numpy
-(Tensor, ClassLabel, Text), so building works without TensorFlow.
+All are written as array_record so `tfds.data_source` gives random access
+(grain needs it), and use only features whose encoding needs no TensorFlow
+(Tensor, ClassLabel, Text; Image from already-encoded JPEG bytes, which tfds
+stores as given), so building works without TensorFlow.
+
+`ensure_shapes_wds` writes `shapes_wds`, captioned shapes as webdataset tar
+shards in img2dataset's layout (KEY.jpg, KEY.txt, KEY.json; stats.json).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
+import json
 import os
+import shutil
+import tarfile
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -96,9 +110,16 @@ _RADIUS = {'small': 4.0, 'large': 7.5}  # Half-extent in pixels.
 _GRID_Y, _GRID_X = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
 
 
-def _shape_mask(shape: str, cy: float, cx: float, r: float) -> np.ndarray:
-  """Boolean [IMAGE_SIZE, IMAGE_SIZE] mask of `shape` centred at (cy, cx)."""
-  dy, dx = _GRID_Y - cy, _GRID_X - cx
+def _shape_mask(shape: str, cy: float, cx: float, r: float,
+                grid: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+  """Boolean mask of `shape` centred at (cy, cx), half-extent r.
+
+  `grid` = (y, x): pixel-centre coordinates (float32, broadcastable, e.g.
+  [h, 1] and [1, w]); the mask has their broadcast shape. Default: the
+  [IMAGE_SIZE, IMAGE_SIZE] grid of shapes_captions.
+  """
+  grid_y, grid_x = (_GRID_Y, _GRID_X) if grid is None else grid
+  dy, dx = grid_y - cy, grid_x - cx
   if shape == 'circle':
     return dy**2 + dx**2 <= r**2
   if shape == 'square':
@@ -195,10 +216,164 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
 
 
 # ----------------------------------------------------------------------------
+# shapes_jpeg: the shapes as JPEG files of varying size (imagenet2012 layout)
+# ----------------------------------------------------------------------------
+
+JPEG_QUALITY = 90
+_BACKGROUND_BLOCK = 8  # Background noise varies per 8x8 block (+ fine grain).
+
+
+def render_shape_image(shape: str, color: str, size: str, position: str,
+                       height: int, width: int,
+                       rng: np.random.Generator
+                       ) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """`render_shape` at any size: (uint8 [height, width, 3], (cy, cx, r)), the
+  shape's centre and half-extent in pixels (its `_shape_mask` arguments).
+
+  Radius and jitter scale with min(height, width) / 32; the centre sits in
+  the `position` cell of a 3x3 grid over the whole frame. The background is
+  dark blocky noise plus a fine grain (so JPEG files stay small), and the
+  mask is computed on the shape's bounding box only, so a 500x500 image costs
+  about as much to render as to encode.
+  """
+  scale = min(height, width) / IMAGE_SIZE
+  r = _RADIUS[size] * scale
+  row, col = divmod(POSITIONS.index(position), 3)
+  cy = (row + 0.5) * height / 3 + rng.uniform(-1.5, 1.5) * scale
+  cx = (col + 0.5) * width / 3 + rng.uniform(-1.5, 1.5) * scale
+  b = _BACKGROUND_BLOCK
+  # uint8 throughout: base (<28) + block noise (<13) + grain (<8) cannot overflow.
+  base = rng.integers(0, 28, size=3, dtype=np.uint8)
+  coarse = rng.integers(0, 13, size=(-(-height // b), -(-width // b), 3),
+                        dtype=np.uint8) + base
+  image = np.repeat(np.repeat(coarse, b, axis=1)[:, :width], b, axis=0)[:height]
+  # Random bytes are the cheapest uniform draw; & 7 keeps 3 bits: grain in 0..7.
+  image += np.frombuffer(rng.bytes(height * width * 3), np.uint8).reshape(
+      height, width, 3) & 7
+  y0, y1 = max(0, int(cy - r) - 1), min(height, int(cy + r) + 2)
+  x0, x1 = max(0, int(cx - r) - 1), min(width, int(cx + r) + 2)
+  grid = (np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5,
+          np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5)
+  mask = _shape_mask(shape, cy, cx, r, grid)
+  fg = np.asarray(COLORS[color], np.int16) + rng.integers(-15, 16, size=3)
+  image[y0:y1, x0:x1][mask] = np.clip(fg, 0, 255).astype(np.uint8)
+  return image, (cy, cx, r)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+  """uint8 [H, W, 3] RGB -> JPEG bytes (libjpeg-turbo via simplejpeg, 4:2:0,
+  accurate integer DCT: deterministic for a given libjpeg-turbo)."""
+  import simplejpeg  # pylint: disable=g-import-not-at-top
+  return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality,
+                                colorspace='RGB', colorsubsampling='420',
+                                fastdct=False)
+
+
+def generate_shapes_jpeg(num: int, seed: int, min_size: int, max_size: int,
+                         quality: int = JPEG_QUALITY):
+  """Yields `num` dicts deterministically from `seed`: jpeg (bytes), height,
+  width, shape/color/size/position/template (int indices into SHAPES, COLORS,
+  SIZES, POSITIONS, CAPTION_TEMPLATES), caption (str), center (cy, cx) and
+  radius (px, as render_shape_image). Height and width are each drawn
+  uniformly in [min_size, max_size]."""
+  rng = np.random.default_rng(seed)
+  color_names = tuple(COLORS)
+  for _ in range(num):
+    s = int(rng.integers(len(SHAPES)))
+    c = int(rng.integers(len(color_names)))
+    z = int(rng.integers(len(SIZES)))
+    p = int(rng.integers(len(POSITIONS)))
+    t = int(rng.integers(len(CAPTION_TEMPLATES)))
+    h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+    names = (SHAPES[s], color_names[c], SIZES[z], POSITIONS[p])
+    image, (cy, cx, r) = render_shape_image(*names, height=h, width=w, rng=rng)
+    yield {'jpeg': encode_jpeg(image, quality), 'height': h, 'width': w,
+           'shape': s, 'color': c, 'size': z, 'position': p, 'template': t,
+           'caption': caption_for(*names, template=t), 'center': (cy, cx),
+           'radius': r}
+
+
+def shapes_jpeg_file_name(split: str, i: int, shape: int) -> str:
+  """imagenet2012-style names: train 'circle_00000123.JPEG' (class prefix, as
+  the synset prefix there), other splits 'shapes_val_00000123.JPEG'."""
+  if split == 'train':
+    return f'{SHAPES[shape]}_{i:08d}.JPEG'
+  return f'shapes_val_{i:08d}.JPEG'
+
+
+@contextlib.contextmanager
+def _deterministic_serialization():
+  """tfds serialises each record as a tf.train.Example, whose features are a
+  protobuf map; upb writes map entries in hash order, which differs between
+  processes, so two builds hold the same records in different bytes. Within
+  this context records are written with deterministic=True (map entries
+  sorted by key), and the prepared files are identical byte for byte."""
+  from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
+  cls = example_serializer.ExampleSerializer
+  original = cls.serialize_example
+
+  def serialize_example(self, example):
+    return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+  cls.serialize_example = serialize_example
+  try:
+    yield
+  finally:
+    cls.serialize_example = original
+
+
+class ShapesJpeg(tfds.core.GeneratorBasedBuilder):
+  """The shapes of shapes_captions as JPEG files, imagenet2012's layout.
+
+  Subclasses may change SPLITS ({split: (num examples, seed)}), MIN_SIZE /
+  MAX_SIZE (px, each side) and QUALITY (benchmarks/startup.py does).
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  SPLITS = {'train': (4_000, 11), 'validation': (500, 12)}
+  MIN_SIZE, MAX_SIZE = 96, 500
+  QUALITY = JPEG_QUALITY
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            # Encoded from JPEG bytes: tfds stores them as given (no TF).
+            'image': tfds.features.Image(encoding_format='jpeg'),
+            'label': tfds.features.ClassLabel(names=list(SHAPES)),
+            'file_name': tfds.features.Text(),
+        }),
+        supervised_keys=('image', 'label'),
+        description=('One coloured shape on a dark background as a JPEG of '
+                     f'{self.MIN_SIZE}-{self.MAX_SIZE} px a side (quality '
+                     f'{self.QUALITY}); label = the shape. Record layout of '
+                     'imagenet2012.'),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Procedural, nothing to download.
+    return {split: self._generate_examples(split, num, seed)
+            for split, (num, seed) in self.SPLITS.items()}
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    with _deterministic_serialization():
+      return super()._download_and_prepare(dl_manager, download_config)
+
+  def _generate_examples(self, split, num, seed):
+    examples = generate_shapes_jpeg(num, seed, self.MIN_SIZE, self.MAX_SIZE,
+                                    self.QUALITY)
+    for i, ex in enumerate(examples):
+      name = shapes_jpeg_file_name(split, i, ex['shape'])
+      yield name, {'image': ex['jpeg'], 'label': ex['shape'],
+                   'file_name': name}
+
+
+# ----------------------------------------------------------------------------
 # build / ensure
 # ----------------------------------------------------------------------------
 
-EMBEDDED = {'digits': Digits, 'shapes_captions': ShapesCaptions}
+EMBEDDED = {'digits': Digits, 'shapes_captions': ShapesCaptions,
+            'shapes_jpeg': ShapesJpeg}
 
 
 def default_data_dir() -> str:
@@ -249,3 +424,79 @@ def ensure_embedded(name: str, data_dir: str | None = None) -> str:
   root = epath.Path(data_dir or default_data_dir())
   with _file_lock(root / f'.{name}.build.lock'):
     return build_embedded(name, os.fspath(root))
+
+
+# ----------------------------------------------------------------------------
+# shapes_wds: webdataset shards of captioned shapes (img2dataset layout)
+# ----------------------------------------------------------------------------
+
+WDS_NAME = 'shapes_wds'
+WDS_SHARDS, WDS_PER_SHARD = 8, 500
+WDS_SIZE = (48, 160)  # Min, max px of each side.
+WDS_SEED = 21
+WDS_PATTERN = 'shapes-{00000..00007}.tar'
+
+
+def wds_key(shard: int, i: int) -> str:
+  """img2dataset's key: 5-digit shard then 4-digit index in it, '000010123'."""
+  return f'{shard:05d}{i:04d}'
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+  info = tarfile.TarInfo(name)
+  info.size, info.mode, info.mtime = len(data), 0o644, 0  # Fixed: deterministic.
+  tar.addfile(info, io.BytesIO(data))
+
+
+def write_shapes_wds(out_dir: str) -> None:
+  """Writes the shards and stats.json into (existing, empty) `out_dir`."""
+  examples = generate_shapes_jpeg(WDS_SHARDS * WDS_PER_SHARD, WDS_SEED, *WDS_SIZE)
+  for shard in range(WDS_SHARDS):
+    path = os.path.join(out_dir, f'shapes-{shard:05d}.tar')
+    with tarfile.open(path, 'w', format=tarfile.USTAR_FORMAT) as tar:
+      for i in range(WDS_PER_SHARD):
+        ex = next(examples)
+        key = wds_key(shard, i)
+        meta = {'key': key, 'shape': ex['shape'], 'color': ex['color'],
+                'size': ex['size'], 'position': ex['position'],
+                'caption': ex['caption'], 'width': ex['width'],
+                'height': ex['height'], 'status': 'success'}
+        _tar_add(tar, f'{key}.jpg', ex['jpeg'])
+        _tar_add(tar, f'{key}.txt', ex['caption'].encode())
+        _tar_add(tar, f'{key}.json', json.dumps(meta, sort_keys=True).encode())
+  count = WDS_SHARDS * WDS_PER_SHARD
+  stats = {'count': count, 'successes': count, 'failed_to_download': 0,
+           'failed_to_resize': 0, 'shards': WDS_SHARDS,
+           'samples_per_shard': WDS_PER_SHARD, 'pattern': WDS_PATTERN}
+  with open(os.path.join(out_dir, 'stats.json'), 'w') as f:
+    json.dump(stats, f, indent=2, sort_keys=True)
+
+
+def ensure_shapes_wds(data_dir: str | None = None) -> str:
+  """`DATA_DIR/shapes_wds/`, written unless present; returns it.
+
+  8 tar shards `shapes-{00000..00007}.tar` of 500 samples each, in
+  img2dataset's layout: per sample KEY.jpg (JPEG, 48-160 px a side), KEY.txt
+  (its caption, as shapes_captions'), KEY.json (key, shape, color, size,
+  position: int indices as shapes_captions'; caption, width, height, status),
+  keys '000000123' (shard, index); and stats.json (count, ...). Deterministic.
+  Idempotent and safe for concurrent callers: built under a file lock into a
+  temporary directory, then renamed into place, so the directory, when
+  present, is complete.
+  """
+  root = epath.Path(data_dir or default_data_dir())
+  out = os.fspath(root / WDS_NAME)
+  if os.path.isdir(out):
+    return out
+  with _file_lock(root / f'.{WDS_NAME}.build.lock'):
+    if os.path.isdir(out):  # Another process built it meanwhile.
+      return out
+    tmp = tempfile.mkdtemp(prefix=f'.{WDS_NAME}.incomplete.', dir=os.fspath(root))
+    try:
+      write_shapes_wds(tmp)
+      os.chmod(tmp, 0o755)  # mkdtemp makes it 0700.
+      os.rename(tmp, out)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  return out
