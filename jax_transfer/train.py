@@ -335,6 +335,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
         utilisation = mfu.mfu(flops, speed["steps_per_sec"], peak)
         if utilisation is not None:
           speed["perf/mfu"] = utilisation
+        if hasattr(host_iter, "skipped"):  # Web shards: corrupt samples skipped so far.
+          speed["data/skipped"] = host_iter.skipped
         writer.write(step, {**host, **speed})
         logging.info(progress.line(step, host, speed))
       if step % config.eval_every_steps == 0 or final:

@@ -150,14 +150,10 @@ def _read_dataset_info(name: str, data_dir: str | None = None,
 
 @functools.lru_cache(maxsize=32)
 def _read_labels(name: str, split: str, data_dir: str, key: str) -> np.ndarray:
-  """All labels of a split, int64 [N]. Read once; decodes whole records."""
-  source = get_source(name, split, data_dir)
-  labels = np.empty(len(source), np.int64)
-  chunk = 1024
-  for start in range(0, len(source), chunk):
-    idx = list(range(start, min(start + chunk, len(source))))
-    labels[idx] = [int(ex[key]) for ex in source.__getitems__(idx)]
-  return labels
+  """All labels of a split, int64 [N]: the label column only, no image decoded, cached
+  beside the prepared data (labels.read_labels)."""
+  from jax_transfer.data import labels  # pylint: disable=g-import-not-at-top
+  return labels.read_labels(name, split, data_dir, key, builder=_builder(name, data_dir))
 
 
 def select_indices(input_cfg: ml_collections.ConfigDict, split: str, *,
