@@ -88,8 +88,8 @@ def get_source(name: str, split: str, data_dir: str | None = None):
   decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
               if isinstance(f, tfds.features.Image)}
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir,
-                            download=False, decoders=decoders or None)
+    # From the memoised builder: its metadata is not read again for every source.
+    return builder.as_data_source(split=split, decoders=decoders or None)
   except (ImportError, NotImplementedError) as e:
     # tfrecord-only datasets have no random access; decoding some features
     # (e.g. tfds Video, Sequence) also imports TensorFlow.
