@@ -131,10 +131,65 @@ def child_tf(kind, data_dir, batch, batches, cores):
   return {"images_per_s": _rate(lambda: next(it).numpy(), batches, batch)[0]}
 
 
+def _scaled(data, m):
+  import simplejpeg
+  h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+  return simplejpeg.decode_jpeg(data, min_height=h // m, min_width=w // m)
+
+
+def decoders(data_dir, n=400) -> list[tuple[str, float]]:
+  """ms per image of each JPEG decoder on shapes_jpeg (one core, this process): what
+  ops_image.decode_bytes was chosen by."""
+  import io
+  import cv2
+  import numpy as np
+  import simplejpeg
+  from PIL import Image
+  cv2.setNumThreads(1)
+  jpegs = _jpeg_bytes(data_dir, n)
+  ways = {
+      "simplejpeg (libjpeg-turbo), full size": simplejpeg.decode_jpeg,
+      "simplejpeg at DCT scale 1/2": lambda d: _scaled(d, 2),
+      "simplejpeg at DCT scale 1/4": lambda d: _scaled(d, 4),
+      "OpenCV imdecode, full size": lambda d: cv2.imdecode(np.frombuffer(d, np.uint8),
+                                                           cv2.IMREAD_COLOR),
+      "OpenCV imdecode at 1/2 (IMREAD_REDUCED_COLOR_2)": lambda d: cv2.imdecode(
+          np.frombuffer(d, np.uint8), cv2.IMREAD_REDUCED_COLOR_2),
+      "PIL, full size": lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")),
+  }
+  out = []
+  for name, fn in ways.items():  # pylint: disable=redefined-outer-name
+    for d in jpegs[:20]:
+      fn(d)
+    t0 = time.perf_counter()
+    for d in jpegs:
+      fn(d)
+    out.append((name, 1e3 * (time.perf_counter() - t0) / len(jpegs)))
+  # One large photo-like JPEG (1600 x 1200, blurred noise over gradients, q90), where DCT
+  # scaling has more to save than on shapes_jpeg's <= 500 px files.
+  h, w = 1200, 1600
+  y, x = np.mgrid[0:h, 0:w]
+  img = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (h + w)], -1)
+  img = img + np.random.default_rng(0).integers(-40, 40, img.shape)
+  big = simplejpeg.encode_jpeg(cv2.GaussianBlur(np.clip(img, 0, 255).astype(np.uint8),
+                                                (5, 5), 0), quality=90)
+  for m in (1, 2, 4):
+    _scaled(big, m)
+    t0 = time.perf_counter()
+    for _ in range(20):
+      _scaled(big, m)
+    out.append((f"1600x1200 JPEG: simplejpeg at DCT scale 1/{m}",
+                1e3 * (time.perf_counter() - t0) / 20))
+  return out
+
+
 def child(args):
   cores = args.child_cores
   os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if args.child == "decoders":
+    print(json.dumps({"rows": decoders(args.data_dir)}))
+    return
   if args.child in ("tf.data", "tf eval"):
     out = child_tf(args.child, args.data_dir, args.batch, args.batches, cores)
   else:
@@ -217,6 +272,14 @@ def main():
                  "this replaced spent ~55 us per image receiving")
   lines.append("; ".join(notes) + ".")
   lines.append("")
+  if 1 in cores:
+    lines += ["JPEG decoders on the same files, one core (ms per image; the pipeline uses "
+              "simplejpeg, falling back to OpenCV and PIL for other formats):", "",
+              "| decoder | ms per image |", "|---|---:|"]
+    lines += [f"| {name} | {ms:.3f} |" for name, ms in
+              report.run_child(__file__, ["--child", "decoders", "--child_cores", "1",
+                                          "--data_dir", data_dir], "decoders")["rows"]]
+    lines.append("")
   lines.append(f"Host cores needed for the train recipe at the best measured rate per core "
                f"({best:.0f} images/s):")
   lines.append("")
