@@ -237,9 +237,14 @@ def normaliser(input_cfg, train: bool = True):
   """Global batch -> the same with its uint8 image columns (IMAGE_KEYS) as float32, scaled to
   the recipe's value_range, computed on the devices (one jitted elementwise op; the output
   keeps the input's sharding)."""
+  return _normaliser(value_range(input_cfg, train))
+
+
+@functools.lru_cache(maxsize=16)
+def _normaliser(vr):
+  """One jitted function per value range: evaluators ask for it at every evaluation."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  vr = value_range(input_cfg, train)
   # A 256-entry table of the host formula, gathered on the devices: bitwise what the host
   # computes (XLA's float division is not numpy's to the last ulp, not even by a traced
   # divisor, and embedded runs should not change by a recipe moving to the device).
