@@ -158,7 +158,7 @@ def decoders(data_dir, n=400) -> list[tuple[str, float]]:
       "PIL, full size": lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")),
   }
   out = []
-  for name, fn in ways.items():  # pylint: disable=redefined-outer-name
+  for name, fn in ways.items():
     for d in jpegs[:20]:
       fn(d)
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ run, any number of worker processes and any number of hosts draw the same augmen
 from __future__ import annotations
 
 import functools
+import json
 import threading
 
 import numpy as np
@@ -191,7 +192,6 @@ class ShardExample:
       text = sample['txt']
       example['caption'] = text.decode('utf-8') if isinstance(text, bytes) else str(text)
     if 'json' in sample:
-      import json  # pylint: disable=g-import-not-at-top
       meta = json.loads(sample['json'])
       for k, v in meta.items():
         if isinstance(v, int) and not isinstance(v, bool):

@@ -29,7 +29,7 @@ Each image has ~5 captions under captions/text; the pipeline trains on the first
 
 Command (every host runs it; jax.distributed starts itself on TPU pods):
   python -m jax_transfer.main --config=ml_collections_configs/contrastive/coco_clip_b16.py \
-    --config.input.data_dir=gs://$BUCKET/tfds --workdir=gs://$BUCKET/clip_b16_coco
+    --config.input.data_dir=/mnt/gcs/$BUCKET/tfds --workdir=/mnt/gcs/$BUCKET/clip_b16_coco
 
 Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was available).
 Measured, runlocal only (2 CPU cores, jax 0.10.2 on CPU):

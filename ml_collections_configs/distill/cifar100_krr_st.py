@@ -13,7 +13,7 @@ Arguments (comma-separated):
 Command (TPU v4-32 / 8-GPU host: data=-1 takes every device; the pool and X_s are replicated,
 'synthetic' and 'pool' are logical names a larger run can map to fsdp):
   python -m jax_transfer.main --config=ml_collections_configs/distill/cifar100_krr_st.py \
-    --workdir=gs://BUCKET/krr_st_c100 --config.distill.target_export=gs://BUCKET/g_export
+    --workdir=/mnt/gcs/BUCKET/krr_st_c100 --config.distill.target_export=/mnt/gcs/BUCKET/g_export
 Hardware: written for a v4-32 slice or one 8-GPU host; not run at this scale (no accelerator
 here). Wall time / result: not measured; the runlocal variant runs on 2 CPU cores in ~1 min.
 Needs cifar100 prepared: tfds build cifar100 --file_format=array_record.
@@ -43,7 +43,7 @@ def get_config(arg: str = ""):
   c.model_name = "convnet"  # The learner / downstream backbone.
   c.model = ml_collections.ConfigDict(dict(num_classes=0, width=128, depth=3, norm="instance",
                                            pool="flatten"))
-  c.distill.target_export = "gs://BUCKET/krr_st_c100_g_export"
+  c.distill.target_export = "/mnt/gcs/BUCKET/krr_st_c100_g_export"
   c.distill.num_synthetic = 1000
   c.distill.pool_size = 10
   c.distill.pool_reset_steps = 1000

@@ -22,14 +22,14 @@ Arguments (comma-separated):
 
 Commands:
   # Teacher (see supervised/imagenet_vit_b16.py), then its export:
-  python -m jax_transfer.export --workdir=gs://$BUCKET/vit_b16_i1k \
-    --out=gs://$BUCKET/exports/vit_b16_i1k
+  python -m jax_transfer.export --workdir=/mnt/gcs/$BUCKET/vit_b16_i1k \
+    --out=/mnt/gcs/$BUCKET/exports/vit_b16_i1k
   # Auxiliary model (every host of the v4-32 runs it):
   python -m jax_transfer.main --config=ml_collections_configs/learngene/imagenet_aux_s.py \
-    --config.learngene.teacher_dir=gs://$BUCKET/exports/vit_b16_i1k \
-    --config.input.data_dir=gs://$BUCKET/tfds --workdir=gs://$BUCKET/tleg_aux_s
+    --config.learngene.teacher_dir=/mnt/gcs/$BUCKET/exports/vit_b16_i1k \
+    --config.input.data_dir=/mnt/gcs/$BUCKET/tfds --workdir=/mnt/gcs/$BUCKET/tleg_aux_s
   # The learngene = its export; descendants set --config.init.export_dir to it.
-  python -m jax_transfer.export --workdir=gs://$BUCKET/tleg_aux_s --out=gs://$BUCKET/exports/tleg_aux_s
+  python -m jax_transfer.export --workdir=/mnt/gcs/$BUCKET/tleg_aux_s --out=/mnt/gcs/$BUCKET/exports/tleg_aux_s
   Run here (2 CPU cores):
   python -m jax_transfer.main --config=ml_collections_configs/supervised/imagenet_vit_b16.py:runlocal \
     --workdir=/tmp/i1k_runlocal && \

@@ -34,7 +34,7 @@ Command (every host of the v4-32 runs the same command; jax.distributed starts i
   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="\
     cd jax_transfer && python -m jax_transfer.main \
       --config=ml_collections_configs/supervised/imagenet_vit_b16.py \
-      --config.input.data_dir=gs://$BUCKET/tfds --workdir=gs://$BUCKET/vit_b16_i1k"
+      --config.input.data_dir=/mnt/gcs/$BUCKET/tfds --workdir=/mnt/gcs/$BUCKET/vit_b16_i1k"
   One 8-GPU host: python -m jax_transfer.main \
       --config=ml_collections_configs/supervised/imagenet_vit_b16.py:gpu8 \
       --config.input.data_dir=$TFDS_DATA_DIR --workdir=$WORKDIR
