@@ -4,7 +4,9 @@ Arguments (comma-separated): the loss, `clip` (default) | `align` | `siglip`; `d
 plain loss instead of the chunked memory-flat one; `wds` to train from the embedded
 webdataset shards (`shapes_wds`: 8 img2dataset-style tars of captioned shape JPEGs, 48-160 px,
 built on first use) instead of the shapes_captions train split, evaluating on shapes_captions'
-test split as usual; `runlocal` for a smoke-sized run.
+test split as usual; `runlocal` for a smoke-sized run. Measured, `:clip,wds,runlocal`
+(20 steps of batch 32 from the shards, 2 CPU cores, Intel Xeon, loaded machine): 33 s for
+train_and_evaluate, zero-shot mean accuracy 0.378 (a smoke run, far from converged).
 
 Command (the README's first command runs the CLIP one through
 experiments/contrastive/shapes_demo.py):
