@@ -107,8 +107,8 @@ def analytic_train_flops(model_cfg, image_size: int) -> float:
   """Matmul FLOPs of one training example (forward x 3), the usual MFU convention: every
   Dense / attention matmul, 2 FLOPs per multiply-add; causal attention counted in full;
   no remat recomputation, LayerNorm, softmax or loss."""
-  from jax_transfer.models.vit import decode_variant
-  v = decode_variant(model_cfg.image_variant)
+  from jax_transfer.models.two_towers import image_geometry
+  v = image_geometry(model_cfg)
   e = model_cfg.embed_dim
 
   def tower(n, d, m, depth):  # per layer: qkv, out, fc1, fc2, q.k and p.v

@@ -146,8 +146,8 @@ def measure_torch(batch: int, steps: int, warmup: int) -> dict:
   base_rss = _rss_bytes()
 
   m = config.model
-  from jax_transfer.models.vit import decode_variant
-  v = decode_variant(m.image_variant)
+  from jax_transfer.models.two_towers import image_geometry
+  v = image_geometry(m)
   torch.manual_seed(0)
   model = oc.model.CLIP(
       m.embed_dim,

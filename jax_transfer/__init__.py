@@ -2,6 +2,15 @@
 
 
 def load_pretrained(export_dir: str):
-  """Export dir -> (model, params, config). See jax_transfer.checkpoint.load_pretrained."""
+  """Export dir (a run's `python -m jax_transfer.export`, or an imported checkpoint's
+  `python -m jax_transfer.tools.import_checkpoint`) -> Pretrained(model, params, tokenizer,
+  preprocess, config), a NamedTuple:
+
+    model, params, tokenizer, preprocess, config = jax_transfer.load_pretrained(DIR)
+    zimg = model.apply({"params": params}, preprocess(images), None)[0][0]
+
+  tokenizer: the export's (None if it has none); preprocess: the image preprocessing of the
+  model's eval recipe (data.preprocess.ImagePreprocess). See checkpoint.load_pretrained_all.
+  """
   from jax_transfer import checkpoint
-  return checkpoint.load_pretrained(export_dir)
+  return checkpoint.load_pretrained_all(export_dir)

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import grain
@@ -25,7 +25,8 @@ from safetensors.numpy import load_file as st_load, save_file as st_save
 EXPORT_FILES = ("params.safetensors", "config.json")
 # Files a method writes into the workdir that belong with the parameters (the contrastive
 # tokenizer's vocabulary); export copies them, load_pretrained's callers read them.
-ASSET_FILES = ("tokenizer.json",)
+ASSET_FILES = ("tokenizer.json", "tokenizer_asset.json", "tokenizer_asset.model",
+               "tokenizer_asset.txt.gz")  # + a PretrainedTokenizer's asset (tokenizer.ASSET_NAMES)
 
 
 def checkpoint_manager(workdir: str, keep: int, save_every: int) -> ocp.CheckpointManager:
@@ -203,6 +204,44 @@ def load_pretrained(export_dir: str):
   return model, params, config
 
 
+class Pretrained(NamedTuple):
+  """What `jax_transfer.load_pretrained(dir)` returns (open_clip's create_model_and_transforms
+  and get_tokenizer in one): the model (rebuilt by name), its params, the export's tokenizer
+  (None when it has none), the image preprocessing and the export's config."""
+  model: Any
+  params: Any
+  tokenizer: Any
+  preprocess: Any
+  config: ml_collections.ConfigDict
+
+
+def load_pretrained_all(export_dir: str) -> Pretrained:
+  """Export dir -> Pretrained(model, params, tokenizer, preprocess, config)."""
+  from jax_transfer.data.preprocess import ImagePreprocess
+  from jax_transfer.tokenizer import load_tokenizer
+  model, params, config = load_pretrained(export_dir)
+  tok_path = os.path.join(export_dir, "tokenizer.json")
+  tokenizer = load_tokenizer(tok_path) if os.path.exists(tok_path) else None
+  return Pretrained(model, params, tokenizer, ImagePreprocess.from_config(config.input), config)
+
+
+def _resample_if_posemb(key: str, pre, want_shape, flat_keys):
+  """A pretrained position embedding for another image size, resampled to `want_shape`
+  (bilinear, timm's loader's way); class-token rows kept. None when `key` is no posemb."""
+  if not key.endswith("pos_embedding") or pre.ndim != 3 or len(want_shape) != 3 or (
+      pre.shape[-1] != want_shape[-1]):
+    return None
+  from jax_transfer.models.vit import resample_posemb
+  prefix = int(key[:-len("pos_embedding")] + "cls" in flat_keys)
+  side = int(round((want_shape[1] - prefix) ** 0.5))
+  if side * side != want_shape[1] - prefix:
+    return None
+  try:
+    return resample_posemb(np.asarray(pre, np.float32), (side, side), prefix)
+  except ValueError:
+    return None
+
+
 def merge_pretrained(params, pretrained, load_regex: str = ".*", skip_regex: str = "^$",
                      source: str = "pretrained"):
   """Returns `params` with every leaf whose path matches load_regex (and not skip_regex)
@@ -222,6 +261,11 @@ def merge_pretrained(params, pretrained, load_regex: str = ".*", skip_regex: str
     if k not in pre:
       raise ValueError(f"{source} lacks parameter {k!r} selected by init.load_regex="
                        f"{load_regex!r}; it has e.g. {sorted(pre)[:5]}")
+    if tuple(pre[k].shape) != tuple(flat[k].shape):
+      resampled = _resample_if_posemb(k, pre[k], tuple(flat[k].shape), flat)
+      if resampled is not None:  # Fine-tuning at another image size.
+        logging.info("Resampled %s %s -> %s", k, tuple(pre[k].shape), resampled.shape)
+        pre[k] = resampled
     if tuple(pre[k].shape) != tuple(flat[k].shape):
       raise ValueError(f"{source} parameter {k!r} has shape {tuple(pre[k].shape)}, the model "
                        f"needs {tuple(flat[k].shape)} (different architecture?)")

@@ -147,10 +147,9 @@ def _check_patches(config, model) -> None:
   """Images of a shape the model's patches do not tile are a config error, not a reshape
   failure deep inside the first compile."""
   from jax_transfer import data
-  from jax_transfer.models.vit import decode_variant
   patch = getattr(model, "patch_size", None)
-  if patch is None and hasattr(model, "image_variant"):
-    patch = decode_variant(model.image_variant).get("patch_size")
+  if patch is None and hasattr(model, "image_geometry"):
+    patch = model.image_geometry()["patch_size"]
   if not patch:
     return
   try:

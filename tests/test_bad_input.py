@@ -212,15 +212,17 @@ def test_cli_turns_them_into_one_line_and_exit_2(data_dir, tmp_path):
 
 
 def test_torch_checkpoint_with_missing_keys(tmp_path, capsys):
-  """The open_clip importer (tools/import_clip.py) names the missing keys, exit 2, no output."""
+  """The checkpoint importer (tools/import_checkpoint.py) names the missing keys, exit 2, no
+  output."""
   import numpy as np
   from safetensors.numpy import save_file
-  from jax_transfer.tools import import_clip
+  from jax_transfer.tools import import_checkpoint
   path = str(tmp_path / "clip.safetensors")
   save_file({"visual.conv1.weight": np.zeros((32, 3, 8, 8), np.float32),
              "token_embedding.weight": np.zeros((40, 32), np.float32)}, path)
-  assert import_clip.main(["--checkpoint", path, "--out", str(tmp_path / "x"),
-                           "--activation", "gelu"]) == 2
+  assert import_checkpoint.main(["--checkpoint", path, "--out", str(tmp_path / "x"),
+                                 "--activation", "gelu"]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("import_clip: ") and err.count("\n") == 1, err
+  assert err.startswith("import_checkpoint: ") and err.count("\n") == 1, err
+  assert "missing keys" in err and "visual.positional_embedding" in err, err
   assert not (tmp_path / "x").exists()

@@ -53,7 +53,7 @@ def test_tokenizer_saved_with_checkpoint_and_export(data_dir, tmp_path):
   assert tok.decode(tok.encode(["a large red circle at the top left"]))[0] == \
       "a large red circle at the top left"
   export_lib.export_workdir(workdir, out)
-  model, params, config = jax_transfer.load_pretrained(out)
+  model, params, _, _, config = jax_transfer.load_pretrained(out)
   assert Tokenizer.load(os.path.join(out, "tokenizer.json")) == tok
   z = model.apply({"params": params}, tok.encode(["a red circle", "a blue ring"]),
                   method=model.encode_text)

@@ -84,7 +84,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
   if good is not None:  # The checkpoint left behind holds finite parameters.
     out = str(tmp_path / "nan_export")
     export_lib.export_workdir(workdir, out)
-    _, params, _ = jax_transfer.load_pretrained(out)
+    params = jax_transfer.load_pretrained(out).params
     assert all(np.isfinite(v).all() for v in _leaves(params).values())
 
 
@@ -93,7 +93,7 @@ def test_export_round_trip_and_load_pretrained(tmp_path, uninterrupted):
   out = str(tmp_path / "export")
   assert export_lib.export_workdir(workdir, out) == 12
   assert sorted(os.listdir(out)) == ["config.json", "params.msgpack", "params.safetensors"]
-  model, params, config = jax_transfer.load_pretrained(out)
+  model, params, _, _, config = jax_transfer.load_pretrained(out)
   _assert_same_params(params, state.params, rtol=0, atol=0)
   assert config.model.variant == "nano/2"
   # The rebuilt model reproduces the run's eval accuracy from the exported params.

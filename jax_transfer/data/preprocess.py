@@ -248,11 +248,64 @@ def _normaliser(vr):
   # A 256-entry table of the host formula, gathered on the devices: bitwise what the host
   # computes (XLA's float division is not numpy's to the last ulp, not even by a traced
   # divisor, and embedded runs should not change by a recipe moving to the device).
-  table = registry.normalise(np.arange(256, dtype=np.uint8), vr) if vr else (
-      np.arange(256, dtype=np.float32))
-  fn = jax.jit(lambda x, t: jnp.take(t, x.astype(jnp.int32), mode='clip'))
+  # Per-channel normalisations (MeanStd) gather from a [256, C] table.
+  per_channel = isinstance(vr, registry.MeanStd)
+  pixels = np.arange(256, dtype=np.uint8)
+  table = (registry.normalise(np.repeat(pixels[:, None], len(vr.mean), 1), vr) if per_channel
+           else registry.normalise(pixels, vr) if vr else pixels.astype(np.float32))
+
+  def lookup(x, t):
+    if per_channel:
+      return t[x.astype(jnp.int32), jnp.arange(t.shape[1])]
+    return jnp.take(t, x.astype(jnp.int32), mode='clip')
+  fn = jax.jit(lookup)
 
   def normalise(batch: dict) -> dict:
     return {k: fn(v, table) if k in IMAGE_KEYS and getattr(v, 'dtype', None) == np.uint8 else v
             for k, v in batch.items()}
   return normalise
+
+
+class ImagePreprocess:
+  """The image preprocessing of a model (what `load_pretrained` returns, like open_clip's
+  preprocess transform): the eval recipe of its config (input.pp_eval), applied to encoded
+  images (JPEG / PNG bytes) or decoded uint8 arrays [H, W, C], normalised on the host.
+
+    pre = ImagePreprocess.from_config(config.input)
+    images = pre([jpeg_bytes, uint8_array])      # float32 [B, size, size, C]
+
+  Attributes: recipe (the op string), image_size ((h, w) or None), mean / std (the
+  normalisation as mean and std of [0, 1] pixels, as published checkpoints state it).
+  """
+
+  def __init__(self, recipe: str):
+    self.recipe = recipe
+    self._pp = _parse(recipe)
+    self.image_size = self._pp.out_size
+    vr = self._pp.value_range
+    if isinstance(vr, registry.MeanStd):
+      self.mean, self.std = vr.mean, vr.std
+    elif vr:  # value_range(lo, hi): x / 255 * (hi - lo) + lo = (x / 255 - mean) / std
+      lo, hi = vr
+      self.std = (1.0 / (hi - lo),) * 3
+      self.mean = (-lo / (hi - lo),) * 3
+    else:
+      self.mean, self.std = (0.0,) * 3, (1.0 / 255,) * 3
+
+  @classmethod
+  def from_config(cls, input_cfg) -> 'ImagePreprocess':
+    return cls(recipe_string(input_cfg, train=False))
+
+  def __call__(self, images) -> np.ndarray:
+    out = []
+    for image in images:
+      key = 'image'
+      example = self._pp({key: image if isinstance(image, (bytes, np.ndarray)) else
+                          np.asarray(image)}, np.random.default_rng(0))
+      out.append(example[key])
+    batch = np.stack(out)
+    vr = self._pp.value_range
+    return registry.normalise(batch, vr) if vr else batch.astype(np.float32)
+
+  def __repr__(self):
+    return f'ImagePreprocess({self.recipe!r})'

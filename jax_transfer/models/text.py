@@ -3,10 +3,18 @@
 tokens [B, L] int32 -> token_embedding + positional_embedding -> depth x ViT Block with
 causal attention -> ln_final -> features at the end-of-text token.
 
-Pooling follows OpenAI CLIP / open_clip ('argmax' pool): the EOT token has the largest id in
-the vocabulary, so its position is argmax(tokens, axis=-1). jax_transfer.tokenizer guarantees
-this. With causal attention the EOT features depend only on the tokens up to EOT, so padding
-after it never matters (and no padding mask is needed).
+Pooling (`pool`), as each family does it:
+  'argmax'  OpenAI CLIP / open_clip: the EOT token has the largest id in the vocabulary, so its
+            position is argmax(tokens, axis=-1). jax_transfer.tokenizer guarantees this.
+  'eot'     the first position holding `eot_id` (Hugging Face CLIPTextTransformer with
+            eos_token_id != 2); the same as 'argmax' when EOT is the largest id.
+  'last'    the last position (SigLIP, big_vision and HF: texts are padded to the full
+            context length, so the pooled token is a pad / EOS token that attends to all).
+  'first'   position 0.
+With causal attention (`causal`, the CLIP default) the EOT features depend only on the tokens
+up to EOT, so padding after it never matters (and no padding mask is needed). SigLIP's text
+tower is bidirectional (causal=False), without a padding mask either: padding is part of its
+input, which is why its tokenizer pads to the full length.
 
 Param layout (logical names in brackets):
   token_embedding/embedding [V, D]     ('vocab', 'embed')
@@ -15,7 +23,7 @@ Param layout (logical names in brackets):
                                        (scan_layers=True: encoderblocks/... stacked, as the ViT)
   ln_final/{scale, bias} [D]           ('embed',)
 """
-from typing import Any
+from typing import Any, Optional
 
 import chex
 import flax.linen as nn
@@ -24,6 +32,7 @@ import jax.numpy as jnp
 from jax_transfer.models.vit import ACT, P, encoder_blocks, ln
 
 Dtype = Any
+TEXT_POOLS = ('argmax', 'eot', 'last', 'first')
 
 
 class TextTransformer(nn.Module):
@@ -47,10 +56,18 @@ class TextTransformer(nn.Module):
   gelu_approximate: bool = True
   quick_gelu: bool = False
   dropout: float = 0.0
+  pool: str = 'argmax'  # 'argmax' | 'eot' | 'last' | 'first' (module docstring)
+  eot_id: Optional[int] = None  # pool='eot' only
+  causal: bool = True
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
     b, n = tokens.shape
+    if self.pool not in TEXT_POOLS:
+      raise ValueError(f'Unknown text pool {self.pool!r}; allowed: {", ".join(TEXT_POOLS)}')
+    if (self.pool == 'eot') != (self.eot_id is not None):
+      raise ValueError(f"text pool 'eot' needs eot_id (and only it uses one): pool="
+                       f"{self.pool!r}, eot_id={self.eot_id!r}")
     if n > self.context_length:
       raise ValueError(f'{n} tokens exceed context_length {self.context_length}')
     d = self.width
@@ -69,9 +86,14 @@ class TextTransformer(nn.Module):
                        remat_policy=self.remat_policy, mlp_dim=self.mlp_dim,
                        num_heads=self.num_heads, dropout=self.dropout, ln_eps=self.ln_eps,
                        gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
-                       causal=True, attention_impl=self.attention_impl, **kw)
+                       causal=self.causal, attention_impl=self.attention_impl, **kw)
     x = ln('ln_final', epsilon=self.ln_eps, **kw)(x)
-    eot = jnp.argmax(tokens, axis=-1)  # [B]: EOT is the largest id (first one on ties)
+    if self.pool == 'argmax':
+      eot = jnp.argmax(tokens, axis=-1)  # [B]: EOT is the largest id (first one on ties)
+    elif self.pool == 'eot':
+      eot = jnp.argmax(tokens == self.eot_id, axis=-1)  # the first EOT (0 if none)
+    else:
+      eot = jnp.full((b,), n - 1 if self.pool == 'last' else 0, jnp.int32)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]  # [B, D]
     chex.assert_shape(pooled, (b, d))
     return pooled, {'tokens': x}

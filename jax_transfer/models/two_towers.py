@@ -9,10 +9,13 @@ this module only holds the two scalars. Init: CLIP logit_scale_init = log(1/0.07
 logit_bias_init = 0; SigLIP log(10) and -10.
 
 Param layout (logical names in brackets; D = tower width, E = embed_dim):
-  img/...                 ViT params (models/vit.py), no head
-  txt/...                 TextTransformer params (models/text.py)
-  img_proj/kernel [Di, E] ('embed', 'proj_embed')   no bias
-  txt_proj/kernel [Dt, E] ('embed', 'proj_embed')   no bias
+  img/...                 ViT params (models/vit.py), no head; geometry from image_variant
+                          and/or the free-form image_width / _depth / _mlp_dim / _heads /
+                          _patch_size; image_pool 'map' adds img/map_head (SigLIP)
+  txt/...                 TextTransformer params (models/text.py); text_pool / text_causal
+  img_proj/kernel [Di, E] ('embed', 'proj_embed')   bias [E] if image_proj_bias;
+                          absent with image_proj=False (SigLIP: the MAP output is zimg)
+  txt_proj/kernel [Dt, E] ('embed', 'proj_embed')   bias [E] if text_proj_bias (SigLIP)
   logit_scale []          ()   log of the temperature's inverse, as open_clip
   logit_bias []           ()   always created (unused by the CLIP loss)
 
@@ -86,8 +89,20 @@ class TwoTowers(nn.Module):
   'img_features' [B, Di] / 'txt_features' [B, Dt] (pooled, before projection; for probes).
   Either input of __call__ may be None; its embedding and features are then None.
   """
-  image_variant: str = 'b/16'
-  image_pool: str = 'cls'
+  image_variant: Optional[str] = 'b/16'  # shorthand; the image_* fields below override it
+  image_width: Optional[int] = None
+  image_depth: Optional[int] = None
+  image_mlp_dim: Optional[int] = None
+  image_heads: Optional[int] = None
+  image_patch_size: Optional[int] = None
+  image_pool: str = 'cls'  # 'cls' | 'gap' | 'map' (SigLIP's MAPHead)
+  image_class_token: Optional[bool] = None  # None: only with image_pool='cls'
+  image_proj: bool = True  # False: the pooled image features are the embedding (SigLIP)
+  image_proj_bias: bool = False
+  text_proj_bias: bool = False  # SigLIP's text head has a bias
+  text_pool: str = 'argmax'  # 'argmax' | 'eot' | 'last' | 'first' (models/text.py)
+  text_eot_id: Optional[int] = None  # text_pool='eot'
+  text_causal: bool = True  # False: SigLIP's bidirectional text tower
   text_width: int = 512
   text_depth: int = 12
   text_heads: int = 8
@@ -115,26 +130,35 @@ class TwoTowers(nn.Module):
               remat_policy=self.remat_policy, scan_layers=self.scan_layers, ln_eps=self.ln_eps,
               attention_impl=self.attention_impl,
               gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu)
-    self.img = make_vit(self.image_variant, num_classes=0, pool=self.image_pool,
-                        pre_norm=self.pre_norm, patch_bias=self.patch_bias, **kw)
+    self.img = make_vit(None, num_classes=0, pool=self.image_pool,
+                        class_token=self.image_class_token, pre_norm=self.pre_norm,
+                        patch_bias=self.patch_bias, **self.image_geometry(), **kw)
     self.txt = TextTransformer(
         vocab_size=self.vocab_size, context_length=self.context_length,
         width=self.text_width, depth=self.text_depth, num_heads=self.text_heads,
-        mlp_dim=self.text_mlp_dim or 4 * self.text_width, **kw)
+        mlp_dim=self.text_mlp_dim or 4 * self.text_width, pool=self.text_pool,
+        eot_id=self.text_eot_id, causal=self.text_causal, **kw)
 
-    def proj(name, width):  # open_clip init: normal(width ** -0.5)
-      return nn.Dense(self.embed_dim, use_bias=False, name=name, dtype=self.dtype,
+    def proj(name, width, bias):  # open_clip init: normal(width ** -0.5)
+      return nn.Dense(self.embed_dim, use_bias=bias, name=name, dtype=self.dtype,
                       param_dtype=self.param_dtype,
                       kernel_init=P(nn.initializers.normal(width ** -0.5),
-                                    ('embed', 'proj_embed')))
-    self.img_proj = proj('img_proj', self.img.width)
-    self.txt_proj = proj('txt_proj', self.text_width)
+                                    ('embed', 'proj_embed')),
+                      bias_init=P(nn.initializers.zeros, ('proj_embed',)))
+    self.img_proj = (proj('img_proj', self.img.width, self.image_proj_bias) if self.image_proj
+                     else lambda x: x)
+    self.txt_proj = proj('txt_proj', self.text_width, self.text_proj_bias)
     self.logit_scale = self.param(
         'logit_scale', P(nn.initializers.constant(self.logit_scale_init), ()), (),
         self.param_dtype)
     self.logit_bias = self.param(
         'logit_bias', P(nn.initializers.constant(self.logit_bias_init), ()), (),
         self.param_dtype)
+
+  def image_geometry(self) -> dict:
+    """The image ViT's width, depth, mlp_dim, num_heads, patch_size: image_variant's, each
+    overridden by the image_* field given."""
+    return image_geometry(self)
 
   def _image(self, images, train):
     features, _ = self.img(images, train=train)  # [B, Di]
@@ -167,17 +191,46 @@ class TwoTowers(nn.Module):
     return (zimg, ztxt), aux
 
 
+_GEOMETRY = (('width', 'image_width'), ('depth', 'image_depth'), ('mlp_dim', 'image_mlp_dim'),
+             ('num_heads', 'image_heads'), ('patch_size', 'image_patch_size'))
+
+
+def image_geometry(model_cfg) -> dict:
+  """TwoTowers fields (the module or config.model) -> the image ViT's geometry kwargs."""
+  get = (model_cfg.get if hasattr(model_cfg, 'get')
+         else lambda k, d=None: getattr(model_cfg, k, d))
+  variant = get('image_variant', 'b/16')
+  out = decode_variant(variant) if variant else {}
+  for key, field in _GEOMETRY:
+    if get(field) is not None:
+      out[key] = get(field)
+  missing = [field for key, field in _GEOMETRY if key not in out]
+  if missing:
+    raise ValueError(f'image tower geometry incomplete: image_variant={variant!r} leaves '
+                     f'{missing} unset (a variant needs a patch size, e.g. "b/16")')
+  return out
+
+
 def make_two_towers(**kwargs) -> TwoTowers:
-  """make_two_towers(image_variant='mu/4', text_width=64, ...) -> TwoTowers.
+  """make_two_towers(image_variant='mu/4', text_width=64, ...) -> TwoTowers; or a free-form
+  image tower: image_variant=None, image_width=96, image_depth=3, image_mlp_dim=200,
+  image_heads=3, image_patch_size=8.
 
   Checks what can be checked before init (config validation builds the model, never inits it).
   """
+  from jax_transfer.models.text import TEXT_POOLS
+  from jax_transfer.models.vit import POOLS
   model = TwoTowers(**kwargs)
-  if 'patch_size' not in decode_variant(model.image_variant):  # ValueError if unknown
-    raise ValueError(f'image_variant {model.image_variant!r} needs a patch size, e.g. "b/16"')
-  if model.image_pool not in ('cls', 'gap'):
-    raise ValueError(f'Unknown image_pool {model.image_pool!r}; allowed: cls, gap')
-  if model.text_width % model.text_heads:
-    raise ValueError(f'text_width {model.text_width} is not divisible by text_heads '
-                     f'{model.text_heads}')
+  geo = image_geometry(model)  # ValueError if the variant is unknown or incomplete
+  if model.image_pool not in POOLS:
+    raise ValueError(f'Unknown image_pool {model.image_pool!r}; allowed: {", ".join(POOLS)}')
+  if model.text_pool not in TEXT_POOLS:
+    raise ValueError(f'Unknown text_pool {model.text_pool!r}; allowed: {", ".join(TEXT_POOLS)}')
+  for tower, width, heads in (('image', geo['width'], geo['num_heads']),
+                              ('text', model.text_width, model.text_heads)):
+    if width % heads:
+      raise ValueError(f'{tower} width {width} is not divisible by its {heads} heads')
+  if not model.image_proj and geo['width'] != model.embed_dim:
+    raise ValueError(f'image_proj=False needs image width {geo["width"]} == embed_dim '
+                     f'{model.embed_dim}')
   return model

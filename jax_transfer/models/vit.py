@@ -6,13 +6,18 @@ prepended, so 'b/16' at 224 with 1000 classes has the reference 86,567,656 param
 
 Param layout (paths are a contract: checkpoint import and learngene map params by path):
   embedding/{kernel [p, p, C, D], bias [D]}     Conv patch embedding (bias only if patch_bias)
-  cls [1, 1, D]                                 only when pool='cls'
+  cls [1, 1, D]                                 class_token (default: only when pool='cls')
   pos_embedding [1, N, D]                       N = patches (+1 with cls); fixed at init
+                                                (resample_posemb for another image size)
   ln_pre                                        only when pre_norm (open_clip's ln_pre)
   encoderblock_{i}/ln_1, attn/{qkv, out}, ln_2, mlp/{fc1, fc2}
       attn/qkv/kernel [D, 3, H, K], bias [3, H, K]   fused q, k, v: one matmul, split on axis 1
       attn/out/kernel [H, K, D],    bias [D]
-  encoder_norm, pre_logits (only if representation_size), head (only if num_classes > 0)
+  encoder_norm                                  LayerNorm on all tokens before pooling, or
+  fc_norm                                       with fc_norm=True after pooling (timm 'avg')
+  map_head/{probe, attn, ln, mlp}               only when pool='map' (MAPHead: SigLIP)
+  pre_logits (only if representation_size), head (only if num_classes > 0)
+Geometry is free-form (width, depth, mlp_dim, num_heads, patch_size); VARIANTS are shorthands.
 Blocks are per-block subtrees: this is the canonical layout (exports, learngene, import_clip).
 With scan_layers=True the blocks run under nn.scan and live in memory as ONE subtree
   encoderblocks/...   every leaf stacked on a leading [depth] axis, logical name 'layers'
@@ -61,6 +66,11 @@ VARIANTS = {
     'm': (512, 12, 2048, 8),
     'b': (768, 12, 3072, 12),
     'l': (1024, 24, 4096, 16),
+    'h': (1280, 32, 5120, 16),
+    'g': (1408, 40, 6144, 16),  # ViT-g/14 (open_clip, big_vision 'g')
+    'G': (1664, 48, 8192, 16),  # big_vision 'G'
+    'bigG': (1664, 48, 8192, 16),  # open_clip ViT-bigG-14 (the same geometry as 'G')
+    'So400m': (1152, 27, 4304, 16),  # SigLIP's shape-optimised ViT (Alabdulmohsin et al. 2023)
 }
 
 
@@ -107,12 +117,16 @@ class Projection(nn.Module):
   param_dtype: Dtype
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, take: Optional[slice] = None):
+    """take: a slice of the kernel's axis 1 (and the bias' axis 0) to use, e.g. the q or
+    the k, v parts of a fused [D, 3, H, K] kernel (cross-attention in MAPHead)."""
     bias_shape = self.kernel_shape[-len(self.bias_names):]
     kernel = self.param('kernel', P(self.kernel_init, self.kernel_names), self.kernel_shape,
                         self.param_dtype)
     bias = self.param('bias', P(nn.initializers.zeros, self.bias_names), bias_shape,
                       self.param_dtype)
+    if take is not None:
+      kernel, bias = kernel[:, take], bias[take]
     return (jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
             + bias.astype(self.dtype))
 
@@ -130,18 +144,27 @@ class Attention(nn.Module):
   attention_impl: str = 'auto'  # see attention_implementation()
 
   @nn.compact
-  def __call__(self, x):  # x: [B, N, D] -> [B, N, D]
+  def __call__(self, x, kv=None):
+    """x: [B, N, D] -> [B, N, D]. kv [B, S, D]: cross-attention (queries from x, keys and
+    values from kv, through the same fused kernel's q and k, v parts), as MAPHead needs."""
     d = x.shape[-1]
     if d % self.num_heads:
       raise ValueError(f'width {d} is not divisible by num_heads {self.num_heads}')
     h, hd = self.num_heads, d // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = Projection('bnd,dthk->bnthk', (d, 3, h, hd), ('embed', 'qkv', 'heads', 'kv'),
-                     ('qkv', 'heads', 'kv'), _qkv_init, name='qkv', **kw)(x)  # [B,N,3,H,K]
-    q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ('batch', 'length', 'heads', 'kv'))
-               for i in range(3))
+    qkv_proj = Projection('bnd,dthk->bnthk', (d, 3, h, hd), ('embed', 'qkv', 'heads', 'kv'),
+                          ('qkv', 'heads', 'kv'), _qkv_init, name='qkv', **kw)
+    if kv is None:
+      qkv = qkv_proj(x)  # [B, N, 3, H, K]
+      parts = [qkv[:, :, i] for i in range(3)]
+    else:
+      q, kvp = qkv_proj(x, take=slice(0, 1)), qkv_proj(kv, take=slice(1, 3))
+      parts = [q[:, :, 0], kvp[:, :, 0], kvp[:, :, 1]]
+    q, k, v = (nn.with_logical_constraint(t, ('batch', 'length', 'heads', 'kv')) for t in parts)
     # Softmax runs in f32 inside dot_product_attention even for bf16 inputs.
     impl = attention_implementation(self.attention_impl, q.dtype, hd)
+    if impl == 'splash' and kv is not None:
+      impl = 'xla'  # The splash wrapper is self-attention only (equal q / kv lengths).
     if impl == 'xla' and jax.default_backend() == 'cpu':
       y = cpu_attention(q, k, v, self.causal)  # [B, N, H, K]
     elif impl == 'splash':
@@ -292,6 +315,36 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x + drop(y), ACT)
 
 
+class MAPHead(nn.Module):
+  """Multihead attention pooling (Lee et al. 2019; SigLIP's image head, big_vision MAPHead):
+  a learned probe token attends to all tokens, then a residual MLP on its LayerNorm:
+    p = MHA(probe, x);  out = p + MLP(LN(p))        x [B, N, D] -> [B, D]
+  Params: probe [1, 1, D], attn/{qkv, out} (the fused layout of Attention: q from the probe,
+  k and v from the tokens), ln, mlp/{fc1, fc2}. The MLP width and activation are the
+  model's (big_vision passes the ViT's mlp_dim; HF's SiglipMultiheadAttentionPoolingHead uses
+  the vision config's intermediate_size and hidden_act)."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype
+  param_dtype: Dtype
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = True
+  quick_gelu: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    b, _, d = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    probe = self.param('probe', P(nn.initializers.xavier_uniform(), (None, None, 'embed')),
+                       (1, 1, d), self.param_dtype)
+    p = Attention(self.num_heads, attention_impl='xla', name='attn', **kw)(
+        jnp.tile(probe.astype(x.dtype), (b, 1, 1)), kv=x)  # [B, 1, D]
+    y = ln('ln', epsilon=self.ln_eps, **kw)(p)
+    p = p + MLP(self.mlp_dim, 0.0, gelu_approximate=self.gelu_approximate,
+                quick_gelu=self.quick_gelu, name='mlp', **kw)(y)
+    return p[:, 0]
+
+
 def block_class(remat: bool, remat_policy: str = 'nothing_saveable', prevent_cse: bool = True):
   """Block, or Block under nn.remat (recompute activations in the backward pass).
   prevent_cse=False is safe (and faster) only inside nn.scan, as in big_vision / MaxText."""
@@ -377,6 +430,44 @@ def has_stacked_blocks(params) -> bool:
       STACKED in params or any(has_stacked_blocks(v) for v in params.values()))
 
 
+POOLS = ('cls', 'gap', 'map')
+
+
+def resample_posemb(posemb, grid: tuple[int, int], num_prefix: int = 0,
+                    old_grid: Optional[tuple[int, int]] = None, method: str = 'bilinear',
+                    antialias: bool = False):
+  """Position embeddings [1, P + N, D] (P prefix tokens, N = old grid) -> [1, P + gh*gw, D]
+  for a new patch grid, resampled as an image, the way timm's `resample_abs_pos_embed` and
+  its .npz loader do (F.interpolate, align_corners=False; the .npz loader and this default use
+  bilinear without antialiasing; timm's function defaults to bicubic with antialias=True, both
+  available here). Prefix (class-token) rows are kept as they are. old_grid: default square.
+  method: 'bilinear' (any antialias) or 'bicubic' (antialias=True only: without it torch uses
+  the a=-0.75 cubic kernel, jax.image.resize the a=-0.5 one). Equal to timm's function to
+  ~1e-6 (tests/test_vit.py). Runs on numpy or jax arrays and returns the same kind."""
+  methods = {'bilinear': 'bilinear', 'bicubic': 'cubic'}
+  if method not in methods or (method == 'bicubic' and not antialias):
+    raise ValueError(f'posemb resampling method={method!r}, antialias={antialias}: allowed '
+                     f"'bilinear', or 'bicubic' with antialias=True")
+  n = posemb.shape[1] - num_prefix
+  if old_grid is None:
+    side = int(round(n ** 0.5))
+    if side * side != n:
+      raise ValueError(f'{n} position embeddings are not a square grid; pass old_grid')
+    old_grid = (side, side)
+  if old_grid[0] * old_grid[1] != n:
+    raise ValueError(f'old_grid {old_grid} does not hold the {n} position embeddings')
+  if tuple(old_grid) == tuple(grid):
+    return posemb
+  is_numpy = isinstance(posemb, np.ndarray)
+  prefix, tokens = posemb[:, :num_prefix], posemb[:, num_prefix:]
+  d = posemb.shape[-1]
+  img = jnp.asarray(tokens, jnp.float32).reshape(old_grid + (d,))
+  out = jax.image.resize(img, tuple(grid) + (d,), method=methods[method], antialias=antialias)
+  out = jnp.concatenate([jnp.asarray(prefix, jnp.float32),
+                         out.reshape(1, grid[0] * grid[1], d)], axis=1).astype(posemb.dtype)
+  return np.asarray(out) if is_numpy else out
+
+
 class ViT(nn.Module):
   """ViT classifier. images: [B, H, W, C] -> (logits [B, num_classes], aux).
 
@@ -391,7 +482,9 @@ class ViT(nn.Module):
   depth: int
   mlp_dim: int
   num_heads: int
-  pool: str = 'cls'  # 'cls' (class token) or 'gap' (mean over patch tokens)
+  pool: str = 'cls'  # 'cls' (class token) | 'gap' (mean over patch tokens) | 'map' (MAPHead)
+  class_token: Optional[bool] = None  # None: only when pool == 'cls' (timm keeps one for 'gap')
+  fc_norm: bool = False  # the final LayerNorm after pooling ('fc_norm', timm's avg pool)
   posemb: str = 'learn'
   dropout: float = 0.0
   dtype: Dtype = jnp.float32  # compute dtype; params stay param_dtype
@@ -411,8 +504,11 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    if self.pool not in ('cls', 'gap'):
-      raise ValueError(f'Unknown pool {self.pool!r}; allowed: cls, gap')
+    if self.pool not in POOLS:
+      raise ValueError(f'Unknown pool {self.pool!r}; allowed: {", ".join(POOLS)}')
+    cls_token = self.pool == 'cls' if self.class_token is None else self.class_token
+    if self.pool == 'cls' and not cls_token:
+      raise ValueError("pool='cls' needs the class token (class_token=False given)")
     if self.posemb != 'learn':
       raise ValueError(f'Unknown posemb {self.posemb!r}; allowed: learn')
     b, h, w, _ = images.shape
@@ -427,7 +523,7 @@ class ViT(nn.Module):
                               ('patch_h', 'patch_w', 'channels', 'embed')),
                 bias_init=P(nn.initializers.zeros, ('embed',)), **kw)(images)
     x = jnp.reshape(x, (b, (h // p) * (w // p), d))  # [B, N, D], patches in row-major order
-    if self.pool == 'cls':
+    if cls_token:
       cls = self.param('cls', P(nn.initializers.zeros, (None, None, 'embed')), (1, 1, d),
                        self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
@@ -445,10 +541,20 @@ class ViT(nn.Module):
                        num_heads=self.num_heads, dropout=self.dropout, ln_eps=self.ln_eps,
                        gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
                        attention_impl=self.attention_impl, **kw)
-    x = ln('encoder_norm', epsilon=self.ln_eps, **kw)(x)
+    if not self.fc_norm:
+      x = ln('encoder_norm', epsilon=self.ln_eps, **kw)(x)
     aux = {'tokens': x}
 
-    x = x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)  # [B, D]
+    if self.pool == 'cls':
+      x = x[:, 0]  # [B, D]
+    elif self.pool == 'gap':
+      x = jnp.mean(x[:, int(cls_token):], axis=1)  # patch tokens only, as timm / big_vision
+    else:
+      x = MAPHead(self.mlp_dim, self.num_heads, ln_eps=self.ln_eps,
+                  gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
+                  name='map_head', **kw)(x)
+    if self.fc_norm:
+      x = ln('fc_norm', epsilon=self.ln_eps, **kw)(x)
     if self.representation_size:
       x = nn.tanh(nn.Dense(self.representation_size, name='pre_logits',
                            kernel_init=P(nn.initializers.lecun_normal(), ('embed', 'mlp')),

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
-from jax_transfer.data.pp.registry import register
+from jax_transfer.data.pp.registry import MeanStd, register
 
 cv2.setNumThreads(1)  # Parallelism comes from reader threads / worker processes, not OpenCV.
 
@@ -391,3 +391,22 @@ def get_value_range(vmin: float = -1, vmax: float = 1):
 
   value_range.value_range = (vmin, vmax)
   return value_range
+
+
+@register("normalize")
+def get_normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+  """Pixels 0..255 -> (x / 255 - mean) / std per channel, float32: the normalisation a
+  published checkpoint states (open_clip / HF / timm: mean and std of [0, 1] pixels, e.g.
+  OpenAI CLIP's normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258,
+  0.27577711))). Runs on the device like value_range; it must be a recipe's last op."""
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  if len(mean) != len(std) or not all(s > 0 for s in std):
+    raise ValueError(f"normalize needs mean and std of one length and std > 0, got {mean}, "
+                     f"{std}")
+
+  def normalize(example, rng):  # Not called by Preprocess; kept for direct use.
+    del rng
+    return example
+
+  normalize.value_range = MeanStd(mean, std)
+  return normalize

@@ -21,6 +21,7 @@ A factory may set attributes on the function it returns:
 from __future__ import annotations
 
 import ast
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -124,7 +125,8 @@ class Preprocess:
         if i != len(self.ops) - 1:
           raise PPError(f"pp op {call!r} must be the last op (it runs on the device, after "
                         f"the batch is there); recipe: {'|'.join(self.ops)}")
-        self.value_range = tuple(float(v) for v in fn.value_range)
+        vr = fn.value_range
+        self.value_range = vr if isinstance(vr, MeanStd) else tuple(float(v) for v in vr)
         continue
       if getattr(fn, "out_size", None) is not None:
         self.out_size = tuple(int(v) for v in fn.out_size)
@@ -157,8 +159,21 @@ class Preprocess:
     return f"Preprocess({'|'.join(self.ops)!r})"
 
 
+@dataclasses.dataclass(frozen=True)
+class MeanStd:
+  """Per-channel normalisation (x / 255 - mean) / std, the form published checkpoints state
+  (torchvision / open_clip / HF image processors: mean and std of pixels in [0, 1])."""
+  mean: tuple
+  std: tuple
+
+
 def normalise(images, value_range):
-  """uint8 images -> float32 in [lo, hi] (elementwise; numpy or jax arrays alike):
-  x / (255 / (hi - lo)) + lo, which for (-1, 1) is x / 127.5 - 1."""
+  """uint8 images -> float32 (elementwise; numpy or jax arrays alike). value_range (lo, hi):
+  x / (255 / (hi - lo)) + lo, which for (-1, 1) is x / 127.5 - 1. A MeanStd: per channel
+  (last axis) (x / 255 - mean) / std, as x / (255 std) - mean / std."""
+  if isinstance(value_range, MeanStd):
+    scale = np.float32(255.0) * np.asarray(value_range.std, np.float32)
+    shift = np.asarray(value_range.mean, np.float32) / np.asarray(value_range.std, np.float32)
+    return images.astype(np.float32) / scale - shift
   lo, hi = value_range
   return images.astype(np.float32) / np.float32(255.0 / (hi - lo)) + np.float32(lo)

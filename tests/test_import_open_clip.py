@@ -1,4 +1,5 @@
-"""open_clip -> TwoTowers import (jax_transfer/tools/import_clip.py) against open_clip itself.
+"""open_clip -> TwoTowers import (jax_transfer/convert/open_clip.py, the import_checkpoint
+command's --format=open_clip) against open_clip itself.
 
 Randomly initialised open_clip models (LayerNorm scales/biases and every bias randomised too,
 so each tensor's mapping matters) are converted and must give the same L2-normalised image
@@ -33,13 +34,18 @@ if oc is None:
 torch = oc.torch
 
 from jax_transfer import load_pretrained, models  # noqa: E402
-from jax_transfer.tools import import_clip  # noqa: E402
-from jax_transfer.tools.import_clip import CheckpointError, convert_state_dict  # noqa: E402
+from jax_transfer.convert import core, open_clip  # noqa: E402
+from jax_transfer.convert.core import CheckpointError  # noqa: E402
+from jax_transfer.tools import import_checkpoint  # noqa: E402
+
+
+def convert_state_dict(sd, activation="gelu", vision_heads=None, text_heads=None):
+  c = open_clip.convert(sd, activation, vision_heads, text_heads)
+  return c.model_kwargs, c.params
 
 ATOL = 2e-6
 # name -> (open_clip class, embed_dim, vision_cfg, text_cfg, head overrides, CLIP kwargs).
-# Image towers must be named ViT variants (nano 32x2 mlp64 2 heads, mu 64x4 mlp128 4 heads,
-# ti 192x12 mlp768 3 heads); everything else varies freely.
+# Any geometry: widths that are no named variant (96), head widths != 64, odd MLP widths.
 ARCHS = {
     "nano8_px32": ("CLIP", 24,
                    dict(layers=2, width=32, head_width=16, mlp_ratio=2.0, patch_size=8,
@@ -66,6 +72,13 @@ ARCHS = {
                                   layers=1),
                              dict(vision_heads=2, text_heads=3, activation="quick_gelu"),
                              dict(quick_gelu=True)),
+    # No named variant: width 96 in 3 heads of 32, MLP 2.5x; text 80 wide in 5 heads.
+    "w96_h3_px24": ("CLIP", 40,
+                    dict(layers=2, width=96, head_width=32, mlp_ratio=2.5, patch_size=8,
+                         image_size=24),
+                    dict(context_length=10, vocab_size=60, width=80, heads=5, layers=2,
+                         mlp_ratio=3.0),
+                    dict(vision_heads=3, text_heads=5), {}),
     "custom_text_nano4_px16": ("CustomTextCLIP", 16,
                                dict(layers=2, width=32, head_width=16, mlp_ratio=2.0,
                                     patch_size=4, image_size=16),
@@ -130,7 +143,7 @@ def test_embeddings_match_open_clip(name, tmp_path):
   ref_model = _open_clip_model(name)
   path = str(tmp_path / "model.safetensors")
   save_file({k: v.contiguous() for k, v in ref_model.state_dict().items()}, path)
-  kwargs, params = convert_state_dict(import_clip.load_state_dict(path), **ARCHS[name][4])
+  kwargs, params = convert_state_dict(core.read_state_dict(path), **ARCHS[name][4])
   model = models.get_model("two_towers", **kwargs)
   images, tokens = _inputs(name)
   ref_img, ref_txt = _reference(ref_model, images, tokens)
@@ -155,13 +168,15 @@ def test_cli_torch_file_to_load_pretrained(tmp_path):
   torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
                                          ref_model.state_dict().items()}}, ckpt)
   proc = subprocess.run(
-      [sys.executable, "-m", "jax_transfer.tools.import_clip", "--checkpoint", str(ckpt),
+      [sys.executable, "-m", "jax_transfer.tools.import_checkpoint", "--checkpoint", str(ckpt),
        "--out", str(out), "--activation", "gelu", "--vision_heads", "4"],
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  model, params, config = load_pretrained(str(out))
+  model, params, _, _, config = load_pretrained(str(out))
   assert config.method == "contrastive" and config.model_name == "two_towers"
-  assert config.model.image_variant == "mu/4" and config.input.image_size == 16
+  assert config.import_source.format == "open_clip"  # auto-detected
+  assert (config.model.image_width, config.model.image_depth, config.model.image_heads,
+          config.input.image_size) == (64, 4, 4, 16)
   assert (config.model.text_heads, config.model.context_length) == (1, 16)
   images, tokens = _inputs(name, seed=2)
   ref_img, ref_txt = _reference(ref_model, images, tokens)
@@ -219,17 +234,14 @@ def test_other_architectures_are_refused(capsys, tmp_path):
   # Heads are not in the weights: width 32 cannot be OpenAI's 64-wide heads.
   with pytest.raises(CheckpointError, match="--vision_heads"):
     convert_state_dict(sd, text_heads=3)
-  # A head count that is no named variant of ViT (nano has 2 heads).
-  with pytest.raises(CheckpointError, match=r"\(32, 2, 64, 4\) is no ViT variant"):
-    convert_state_dict(sd, vision_heads=4, text_heads=3)
   # The CLI turns any of these into one line on stderr and exit status 2.
   from safetensors.numpy import save_file
   path = str(tmp_path / "rn.safetensors")
   save_file(_state_dict(rn), path)
-  assert import_clip.main(["--checkpoint", path, "--out", str(tmp_path / "x"),
-                           "--activation", "gelu"]) == 2
+  assert import_checkpoint.main(["--checkpoint", path, "--out", str(tmp_path / "x"),
+                                 "--activation", "gelu"]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("import_clip: ") and err.count("\n") == 1 and "ResNet" in err
+  assert err.startswith("import_checkpoint: ") and err.count("\n") == 1 and "ResNet" in err
   assert not (tmp_path / "x").exists()
 
 
@@ -259,11 +271,12 @@ def test_imported_export_loads_into_a_scan_model(tmp_path):
   from jax_transfer import checkpoint
   name = "mu4_px16_shapes_clip"  # 4 image and 2 text blocks: both towers scanned
   ref_model = _open_clip_model(name, seed=3)
-  kwargs, params = convert_state_dict(_state_dict(ref_model), **ARCHS[name][4])
-  config = import_clip.export_config(dict(kwargs, scan_layers=True),
-                                     import_clip.image_size_of(params, kwargs))
-  checkpoint.export(params, config, str(tmp_path / "export"))
-  model, loaded, _ = load_pretrained(str(tmp_path / "export"))
+  c = open_clip.convert(_state_dict(ref_model), "gelu", **{
+      k: v for k, v in ARCHS[name][4].items() if k != "activation"})
+  c.model_kwargs["scan_layers"] = True
+  checkpoint.export(c.params, import_checkpoint.export_config(c, "open_clip", "test"),
+                    str(tmp_path / "export"))
+  model, loaded, _, _, _ = load_pretrained(str(tmp_path / "export"))
   assert model.scan_layers and loaded["img"]["encoderblocks"]["ln_1"]["scale"].shape == (4, 64)
   images, tokens = _inputs(name, seed=1)
   ref_img, ref_txt = _reference(ref_model, images, tokens)
