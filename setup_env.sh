@@ -2,7 +2,8 @@
 # Creates .venv (if missing) and installs the package with its pinned dependencies.
 #   bash setup_env.sh          runtime dependencies (setup.py install_requires)
 #   bash setup_env.sh dev      + test tools ([dev] extra), torch ([torch] extra, the CPU wheel)
-#                              and open_clip_torch, which tests/test_import_clip.py and
+#                              and open_clip_torch + timm (both --no-deps: they require
+#                              torchvision), which tests/test_import_*.py and
 #                              benchmarks/open_clip_step.py compare against
 # Idempotent and fast on re-runs: it reinstalls only when setup.py, this script or the extras
 # change.
@@ -10,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 extras="${1:-}"
 OPEN_CLIP="open_clip_torch==3.3.0"
+TIMM="timm==1.0.31"  # reference models of the checkpoint-import tests (timm ViT, AugReg npz)
 with_open_clip=0
 case ",$extras," in
   *,dev,*) extras="$extras,torch"; with_open_clip=1 ;;
@@ -28,7 +30,7 @@ if [ ! -f "$stamp" ]; then
     # pinned torch (pip would replace it with a multi-GB CUDA build). The modules the tests use
     # (open_clip.model / transformer / loss) need only torch and numpy; tests/open_clip_shim.py
     # imports them without open_clip's __init__ (which imports torchvision).
-    .venv/bin/pip install -q --no-deps "$OPEN_CLIP"
+    .venv/bin/pip install -q --no-deps "$OPEN_CLIP" "$TIMM"
   fi
   touch "$stamp"
 fi

@@ -4,8 +4,10 @@ config.contrastive:
   loss            'clip' | 'align' | 'siglip'
   chunked_loss    True: the memory-flat shard_map loss (text blocks travel around the batch
                   axes); False: the dense loss, XLA places the collectives.
-  tokenizer_path  optional tokenizer.json to reuse; otherwise one is trained from the training
-                  captions and saved as workdir/tokenizer.json (export copies it).
+  tokenizer_path  optional tokenizer.json to reuse (a trained word tokenizer, or an imported
+                  checkpoint's own: jax_transfer.tokenizer.load_tokenizer reads both);
+                  otherwise one is trained from the training captions. Saved as
+                  workdir/tokenizer.json (export copies it and its asset file).
   zero_shot       {attribute: [prompt templates with '{}']} for the zero-shot evaluator; class
                   names come from the dataset's ClassLabel names.
   retrieval_limit / probe_train_limit / probe_shots: evaluator sizes.
@@ -26,7 +28,7 @@ from jax_transfer.evaluators.retrieval import RetrievalEvaluator
 from jax_transfer.evaluators.zero_shot import ZeroShotEvaluator
 from jax_transfer.methods.base import Method
 from jax_transfer.data.pipeline import nested_get
-from jax_transfer.tokenizer import Tokenizer
+from jax_transfer.tokenizer import Tokenizer, load_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -53,9 +55,9 @@ def get_tokenizer(config, workdir: str | None) -> Tokenizer:
   on the training captions and saved to the workdir."""
   path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
   if path and os.path.exists(path):
-    return Tokenizer.load(path)
+    return load_tokenizer(path)
   if config.contrastive.tokenizer_path:
-    tok = Tokenizer.load(config.contrastive.tokenizer_path)
+    tok = load_tokenizer(config.contrastive.tokenizer_path)
   else:
     tok = Tokenizer.train(train_captions(config.input), vocab_size=config.model.vocab_size,
                           context_length=config.model.context_length)
