@@ -272,3 +272,41 @@ def validate(config, num_devices: int) -> None:
     if bad:
       raise ConfigError(f"sharding_rules: {rule[0]!r} maps to unknown mesh axis {bad[0]!r};"
                         f" allowed: {sorted(axes)}")
+
+
+def init_from_export(c: ml_collections.ConfigDict, export_dir: str, *,
+                     keep_head: bool) -> ml_collections.ConfigDict:
+  """Fine-tune an export (a run's, or an imported published checkpoint's) with config `c`:
+  the model is the export's (its config.json), every parameter initialises from it
+  (init.export_dir; the classifier head too when keep_head, else `^head/` is skipped and
+  model.num_classes stays `c`'s), the images are resized to the export's image size and
+  normalised as its recipe does, and a contrastive run reuses the export's tokenizer.
+  Errors name the directory before anything is built."""
+  import os  # pylint: disable=g-import-not-at-top
+  from jax_transfer import checkpoint  # pylint: disable=g-import-not-at-top
+  from jax_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
+  exported = checkpoint.load_export_config(export_dir)  # FileNotFoundError naming the files
+  if exported.model_name != c.model_name and c.get("model_name"):
+    raise ConfigError(f"init export {export_dir} holds a {exported.model_name!r} model; this "
+                      f"config trains {c.model_name!r}")
+  num_classes = c.model.get("num_classes")
+  c.model_name = exported.model_name
+  c.model = ml_collections.ConfigDict(exported.model.to_dict())
+  if num_classes is not None and not keep_head:
+    c.model.num_classes = num_classes
+  c.init.export_dir = export_dir
+  c.init.load_regex = ".*"
+  c.init.skip_regex = "^$" if keep_head else "^head/"
+  size = exported.input.get("image_size")
+  if size:
+    c.input.image_size = size
+  norm = preprocess.get_recipe(exported.input, train=False).ops[-1]
+  if norm.startswith(("value_range", "normalize")):
+    c.input.pp = f'decode|resize({size}, "pil_bilinear")|{norm}' if size else ""
+    c.input.pp_eval = c.input.pp
+  tok = os.path.join(export_dir, "tokenizer.json")
+  if c.get("contrastive") is not None and os.path.exists(tok):
+    c.contrastive.tokenizer_path = tok
+  if exported.get("contrastive") is not None and c.get("contrastive") is not None:
+    c.contrastive.loss = exported.contrastive.loss
+  return c

@@ -1,0 +1,54 @@
+r"""Fine-tune an exported or imported ViT classifier on the embedded shapes_jpeg data (JPEGs of
+96-500 px, 6 shape classes, imagenet2012's record layout): the transfer recipe of a published
+checkpoint (AugReg / big_vision / timm ViT imported by jax_transfer.tools.import_checkpoint).
+
+Arguments (comma-separated): `init=DIR` (required: the export to start from; its model,
+image size and normalisation, a new 6-class head: config.init_from_export), `probe` to train
+the head only, `runlocal` for a smoke-sized run.
+
+Command:
+  python -m jax_transfer.tools.import_checkpoint --checkpoint=ViT-B_16.npz --out=/tmp/augreg
+  python -m jax_transfer.main \
+    --config=ml_collections_configs/supervised/shapes_finetune.py:init=/tmp/augreg \
+    --workdir=/tmp/shapes_ft
+Tested end to end on randomly initialised imported checkpoints (tests/test_finetune_imported.py).
+"""
+from jax_transfer.config import base_config, init_from_export
+
+
+def get_config(arg: str = ""):
+  args = [a for a in arg.split(",") if a]
+  init = next((a[len("init="):] for a in args if a.startswith("init=")), None)
+  if not init:
+    raise ValueError("shapes_finetune.py needs the export to fine-tune: "
+                     "--config=ml_collections_configs/supervised/shapes_finetune.py:init=DIR")
+  c = base_config()
+  c.method = "supervised"
+  c.model_name = "vit"
+  c.total_steps = 500
+  c.log_every_steps = 50
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 250
+  c.input.dataset = "shapes_jpeg"
+  c.eval.split = "validation"
+  c.input.global_batch_size = 64
+  c.eval.batch_size = 128
+  c.model.num_classes = 6
+  c.optimizer.name = "sgd"
+  c.optimizer.lr = 0.01
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip_norm = 1.0
+  c.schedule.warmup_steps = 50
+  init_from_export(c, init, keep_head=False)
+  if "probe" in args:
+    c.optimizer.trainable_regex = "^head/"
+  if "runlocal" in args:
+    c.total_steps = 10
+    c.log_every_steps = 5
+    c.eval_every_steps = 10
+    c.checkpoint_every_steps = 10
+    c.schedule.warmup_steps = 2
+    c.input.global_batch_size = 16
+    c.eval.batch_size = 32
+  return c
