@@ -110,3 +110,40 @@ def test_cli_export_and_load_pretrained(fmt, tmp_path, capsys):
                                                                   0.40821073)
   np.testing.assert_allclose(preprocess.mean, mean, rtol=1e-6)
   assert preprocess.image_size == (ref.geometry["image_size"],) * 2
+
+
+def test_readme_zero_shot_example(tmp_path, monkeypatch):
+  """The README's zero-shot block runs as written on an imported open_clip model with OpenAI's
+  BPE tokenizer (49408 ids), on JPEG files, and agrees with open_clip's own logits."""
+  import os
+  import re
+  import simplejpeg
+  if refs.missing("open_clip"):
+    pytest.skip(refs.missing("open_clip"))
+  import open_clip_shim
+  oc = open_clip_shim.load_open_clip()
+  bpe = os.path.join(os.path.dirname(oc.model.__file__), "bpe_simple_vocab_16e6.txt.gz")
+  g = dict(refs.GEOMETRIES["open_clip"]["w96h3_p8_px32"], vocab_size=49408, context_length=77)
+  (tmp_path / "src").mkdir()
+  ref = refs.BUILDERS["open_clip"](str(tmp_path / "src"), dict(g, format="open_clip"), 0)
+  export = str(tmp_path / "clip_b16")
+  assert import_checkpoint.main(
+      ["--checkpoint", ref.path, "--out", export, "--activation", "gelu", "--vision_heads",
+       "3", "--text_heads", "2", "--tokenizer", bpe]) == 0
+  rng = np.random.default_rng(0)
+  for name in ("cat.jpg", "dog.jpg"):
+    pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    (tmp_path / name).write_bytes(simplejpeg.encode_jpeg(pixels, quality=95))
+  readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+  block = re.search(r"<!-- zero-shot-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+  monkeypatch.chdir(tmp_path)
+  scope = {}
+  exec(block.replace("/tmp/clip_b16", export), scope)  # noqa: S102
+  pre, tok = scope["preprocess"], scope["tokenizer"]
+  images = pre([open(tmp_path / f, "rb").read() for f in ("cat.jpg", "dog.jpg")])
+  assert images.shape == (2, 32, 32, 3)
+  texts = [f"a photo of a {c}" for c in scope["labels"]]
+  ids = tok.encode(texts)  # equal to open_clip's tokenize: tests/test_tokenizers.py
+  assert ids.shape == (3, 77) and ids[0, 0] == 49406
+  want = ref.logits_per_image(images, ids)
+  np.testing.assert_allclose(np.asarray(scope["logits"]), want, rtol=1e-4, atol=1e-4)

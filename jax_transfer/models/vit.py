@@ -18,7 +18,7 @@ Param layout (paths are a contract: checkpoint import and learngene map params b
   map_head/{probe, attn, ln, mlp}               only when pool='map' (MAPHead: SigLIP)
   pre_logits (only if representation_size), head (only if num_classes > 0)
 Geometry is free-form (width, depth, mlp_dim, num_heads, patch_size); VARIANTS are shorthands.
-Blocks are per-block subtrees: this is the canonical layout (exports, learngene, import_clip).
+Blocks are per-block subtrees: this is the canonical layout (exports, learngene, checkpoint import).
 With scan_layers=True the blocks run under nn.scan and live in memory as ONE subtree
   encoderblocks/...   every leaf stacked on a leading [depth] axis, logical name 'layers'
 `stack_blocks` / `unstack_blocks` convert between the two; checkpoint.export always writes the
@@ -360,7 +360,7 @@ _BLOCK = re.compile(r'encoderblock_(\d+)')
 
 
 def block_name(i: int) -> str:
-  """The canonical name of block i (a path contract: exports, learngene, import_clip, the
+  """The canonical name of block i (a path contract: exports, learngene, checkpoint import, the
   optimizer's and init's regexes)."""
   return f'encoderblock_{i}'
 

@@ -3,7 +3,7 @@ r"""CLIP / SigLIP ViT-B/16 on a TFDS image-text dataset (coco_captions): a pod c
 Model: ViT-B/16 image tower at 224px (pre-LN, class token), 12-layer 512-wide text
 Transformer (8 heads, context 77), 512-d embeddings -- open_clip's ViT-B-16 shapes, with
 open_clip parity options (ln_pre, no patch bias, LN eps 1e-5, erf GELU) so a converted
-open_clip checkpoint (jax_transfer.tools.import_clip) initialises it through config.init.
+open_clip checkpoint (jax_transfer.tools.import_checkpoint) initialises it through config.init.
 Compute bf16, params/optimiser f32, per-block remat. AdamW lr 5e-4, wd 0.2, b2 0.98,
 2k warmup, cosine (open_clip's recipe for B/16).
 
