@@ -194,3 +194,41 @@ def test_splash_attention_in_a_scanned_vit_equals_xla():
   (l, g), (l_ref, g_ref) = loss_and_grad(models["splash"]), loss_and_grad(models["xla"])
   np.testing.assert_allclose(l, l_ref, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g, g_ref)
+
+
+@pytest.mark.parametrize("old,new,prefix,method,antialias", [
+    ((7, 7), (10, 10), 1, "bilinear", False), ((8, 8), (5, 5), 0, "bilinear", False),
+    ((6, 6), (9, 4), 1, "bilinear", True), ((4, 4), (6, 6), 1, "bicubic", True)])
+def test_resample_posemb_matches_timm(old, new, prefix, method, antialias):
+  """vit.resample_posemb equals timm's resample_abs_pos_embed on the same array (up- and
+  down-sampling, a non-square target, a class-token row kept)."""
+  import open_clip_shim
+  timm = open_clip_shim.load_timm()
+  if timm is None:
+    pytest.skip("torch / timm not installed (bash setup_env.sh dev)")
+  import torch
+  from jax_transfer.models.vit import resample_posemb
+  pe = np.random.default_rng(0).normal(size=(1, prefix + old[0] * old[1], 12)).astype(
+      np.float32)
+  want = timm.layers.resample_abs_pos_embed(
+      torch.from_numpy(pe), list(new), list(old), num_prefix_tokens=prefix,
+      interpolation=method, antialias=antialias).numpy()
+  got = resample_posemb(pe, new, prefix, old, method=method, antialias=antialias)
+  assert isinstance(got, np.ndarray) and got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=5e-6, rtol=0)
+  np.testing.assert_array_equal(got[:, :prefix], pe[:, :prefix])
+
+
+def test_merge_pretrained_resamples_posemb_for_another_image_size():
+  """Fine-tuning an export at another resolution: init resamples pos_embedding (keeping the
+  class-token row) instead of failing on the shape."""
+  from jax_transfer import checkpoint
+  from jax_transfer.models.vit import resample_posemb
+  small, large = make_vit("nano/4", num_classes=3), make_vit("nano/4", num_classes=3)
+  p16 = nn.unbox(small.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
+  p32 = nn.unbox(large.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"])
+  merged = checkpoint.merge_pretrained(p32, p16)
+  want = resample_posemb(np.asarray(p16["pos_embedding"]), (8, 8), 1)
+  np.testing.assert_allclose(merged["pos_embedding"], want, rtol=0, atol=0)
+  np.testing.assert_array_equal(merged["encoderblock_0"]["attn"]["qkv"]["kernel"],
+                                p16["encoderblock_0"]["attn"]["qkv"]["kernel"])
