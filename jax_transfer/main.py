@@ -29,6 +29,60 @@ def run(argv):
     sys.exit(2)
 
 
+def _explain_override(argv) -> str | None:
+  """The first --config.a.b.c=V override whose key path does not exist in the config, as
+  'unknown config key ...': where, what is allowed there and the closest match. At any depth
+  (ml_collections' own KeyError names only the last part, and only at the top level gives a
+  hint). None when every override path exists (the error was something else)."""
+  import difflib
+  import ml_collections
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if not spec:
+    return None
+  try:
+    from ml_collections.config_flags import config_flags as impl  # the file parser
+    config = impl.ConfigFileFlagParser(name="config").parse(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    parts = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for i, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      where = "config" + "".join(f".{p}" for p in parts[:i])
+      if not isinstance(node, ml_collections.ConfigDict):
+        return (f"config key {'.'.join(parts[:i])!r} is a value ({node!r}), not a section: "
+                f"{arg!r} cannot set {part!r} under it")
+      allowed = sorted(node.keys())
+      name = f"{'.'.join(parts[:i + 1])!r} in {arg.split('=')[0]!r}"
+      fields = _model_fields(config) if where == "config.model" else []
+      if part in fields:
+        return (f"config key {name}: {part!r} is a field of the {config.model_name!r} model "
+                f"that this config does not list (it takes the model's or its variant's "
+                f"default); add it to the config file's model section to set it. "
+                f"{where} has {allowed}")
+      close = difflib.get_close_matches(part, sorted(set(allowed) | set(fields)), n=1,
+                                        cutoff=0.5)
+      return (f"unknown config key {name}: {where} has {allowed}" +
+              (f" (did you mean {close[0]!r}?)" if close else ""))
+  return None
+
+
+def _model_fields(config) -> list[str]:
+  """The constructor fields of config.model_name's module (built, never initialised)."""
+  import dataclasses
+  from jax_transfer import config as config_lib, models
+  try:
+    module = models.get_model(config.model_name, **config_lib.model_kwargs(config.model))
+  except Exception:  # pylint: disable=broad-except
+    return []
+  return [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
+
+
 def main():
   # Parse once up front so an unknown --config.key or a wrong type is one line, exit 2
   # (ml_collections raises KeyError/TypeError from inside absl's parser otherwise).
@@ -36,10 +90,7 @@ def main():
     flags.FLAGS(sys.argv)
   except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
     msg = " ".join(str(e).split())
-    if isinstance(e, KeyError) and e.args:  # "'key'\nDid you mean ...?" from ml_collections.
-      key, *hint = str(e.args[0]).split("\n")
-      msg = f"unknown config key {key} in a --config.* override" + (
-          f" ({' '.join(hint).strip()})" if hint else "")
+    msg = _explain_override(sys.argv) or msg  # a bad key path, at any depth
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
   app.run(run, flags_parser=lambda argv: [argv[0]])  # Already parsed above.

@@ -4,6 +4,7 @@ value — before XLA compiles anything and without changing a byte of what the w
 holds. (tests/test_config.py covers more config-only rows; README "Troubleshooting" lists them.)
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -226,3 +227,31 @@ def test_torch_checkpoint_with_missing_keys(tmp_path, capsys):
   assert err.startswith("import_checkpoint: ") and err.count("\n") == 1, err
   assert "missing keys" in err and "visual.positional_embedding" in err, err
   assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("--config.input.batchsize=3",
+     r"unknown config key 'input.batchsize' .*config.input has \[.*\] \(did you mean "
+     r"'global_batch_size'\?\)"),
+    ("--config.model.widht=3", r"unknown config key 'model.widht' .*did you mean 'width'\?"),
+    ("--config.eval.foo=1", r"unknown config key 'eval.foo' .*config.eval has \['batch_size', "
+                            r"'split'\]"),
+    ("--config.model.depth=2", r"'depth' is a field of the 'vit' model that this config does "
+                               r"not list"),
+    ("--config.optimzer.lr=1", r"unknown config key 'optimzer' .*did you mean 'optimizer'"),
+    ("--config.total_steps.x=1", r"'total_steps' is a value \(20\), not a section"),
+])
+def test_override_typos_at_any_depth_name_key_place_and_closest(override, pattern):
+  """A mistyped --config.* key at any depth names the full key, where it is, what is allowed
+  there and the closest match (ml_collections' own message is a bare "'key'")."""
+  from jax_transfer import main
+  argv = ["main", "--config=ml_collections_configs/supervised/digits_vit.py:runlocal",
+          "--workdir=/tmp/x", override]
+  old = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    msg = main._explain_override(argv)
+  finally:
+    os.chdir(old)
+  assert msg and re.search(pattern, msg), msg
+  assert main._explain_override(argv[:3] + ["--config.input.global_batch_size=8"]) is None
