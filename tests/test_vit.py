@@ -232,3 +232,26 @@ def test_merge_pretrained_resamples_posemb_for_another_image_size():
   np.testing.assert_allclose(merged["pos_embedding"], want, rtol=0, atol=0)
   np.testing.assert_array_equal(merged["encoderblock_0"]["attn"]["qkv"]["kernel"],
                                 p16["encoderblock_0"]["attn"]["qkv"]["kernel"])
+
+
+@pytest.mark.parametrize("variant,timm_name,kwargs", [
+    ("h/14", "vit_huge_patch14_224", dict(num_classes=1000)),
+    ("g/14", "vit_giant_patch14_224", dict(num_classes=1000)),
+    ("bigG/14", "vit_gigantic_patch14_224", dict(num_classes=1000)),
+    ("So400m/14", "vit_so400m_patch14_siglip_224", dict(num_classes=0, pool="map"))])
+def test_large_variants_have_timms_parameter_count(variant, timm_name, kwargs):
+  """The h / g / bigG / So400m shorthands are the published geometries: the parameter count
+  at 224 px equals timm's model of that name (built on torch's meta device: no memory), the
+  So400m one with SigLIP's MAP head."""
+  import open_clip_shim
+  timm = open_clip_shim.load_timm()
+  if timm is None:
+    pytest.skip("torch / timm not installed (bash setup_env.sh dev)")
+  import torch
+  with torch.device("meta"):
+    ref = timm.create_model(timm_name, pretrained=False, num_classes=kwargs["num_classes"])
+  model = make_vit(variant, **kwargs)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+  assert ours == sum(p.numel() for p in ref.parameters())
