@@ -381,3 +381,64 @@ def test_clear_errors(spm_dir, gemma_dir, tmp_path):
   (bad / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer"}')
   with pytest.raises(ValueError, match="'BertTokenizer', none of"):
     PretrainedTokenizer.from_hf_dir(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# An imported Hugging Face directory carries its tokenizer into the export.
+
+def _hf_model_into(kind, directory, vocab, context):
+  """A tiny random CLIPModel / SiglipModel saved into `directory` beside its tokenizer files."""
+  import shutil
+  import tempfile
+  import torch
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+              vocab_size=vocab, max_position_embeddings=context)
+  vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=2, image_size=16, patch_size=8)
+  if kind == "clip":
+    model = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(text, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=vision, projection_dim=16))
+  else:
+    model = transformers.SiglipModel(transformers.SiglipConfig(
+        text_config=text, vision_config=vision))
+  model.eval()
+  out = tempfile.mkdtemp(dir=os.path.dirname(directory))
+  for name in os.listdir(directory):
+    shutil.copy(os.path.join(directory, name), out)
+  model.save_pretrained(out)
+  return model, out
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_imported_hf_directory_carries_its_tokenizer(kind, request, tmp_path):
+  """import_checkpoint on a HF directory with tokenizer files -> load_pretrained's tokenizer
+  gives the HF tokenizer's ids (padding to the full length for SigLIP, which pools the last
+  token), and the text embeddings of real captions equal HF's get_text_features."""
+  import torch
+  from jax_transfer import load_pretrained
+  from jax_transfer.tools import import_checkpoint
+  transformers = pytest.importorskip("transformers")
+  if kind == "clip":
+    hf_tok, directory = request.getfixturevalue("hf_clip_dir")
+    model, path = _hf_model_into("clip", directory, 49408, 77)
+    ids_hf = hf_tok(CAPTIONS, padding="max_length", max_length=77, truncation=True)["input_ids"]
+  else:
+    directory = request.getfixturevalue("spm_dir")
+    model, path = _hf_model_into("siglip", directory, 300, 64)
+    hf_tok = transformers.SiglipTokenizer.from_pretrained(directory)
+    ids_hf = hf_tok(CAPTIONS, padding="max_length", max_length=64, truncation=True)["input_ids"]
+  out = str(tmp_path / "export")
+  assert import_checkpoint.main(["--checkpoint", path, "--out", out]) == 0
+  pretrained = load_pretrained(out)
+  assert pretrained.tokenizer is not None
+  ids = pretrained.tokenizer.encode(CAPTIONS)
+  np.testing.assert_array_equal(ids, np.asarray(ids_hf))
+  m, params = pretrained.model, pretrained.params
+  ztxt = np.asarray(m.apply({"params": params}, ids, method=m.encode_text))
+  with torch.no_grad():
+    ref = model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
+    ref = torch.nn.functional.normalize(getattr(ref, "pooler_output", ref), dim=-1).numpy()
+  np.testing.assert_allclose(ztxt, ref, atol=2e-5, rtol=0)
