@@ -18,7 +18,7 @@ from ml_collections_configs.icl import digits_gpicl
 
 
 def _config(data_dir, **icl):
-  c = digits_gpicl.get_config("runlocal")
+  c = digits_gpicl.get_config("paper,runlocal")  # the 10-way, 64-feature shape
   c.input.data_dir = data_dir
   c.icl.unseen_datasets = ()
   c.icl.baseline_sequences = 0
@@ -189,9 +189,13 @@ def test_resample_sequences_draws_distinct_batch_examples(data_dir):
   assert float(loss) == pytest.approx(math.log(10), abs=1e-3)
 
 
-def test_gen_config_is_valid():
+def test_default_config_is_the_generalising_setting():
+  """The default is the measured setting (`gen` is kept as an alias); `paper` the 10-way one."""
   from jax_transfer import config as config_lib
-  c = digits_gpicl.get_config("gen,tasks=64")
+  c = digits_gpicl.get_config("tasks=64")
+  assert c.to_dict() == digits_gpicl.get_config("gen,tasks=64").to_dict()
   config_lib.validate(c, num_devices=1)
+  paper = digits_gpicl.get_config("paper")
+  assert paper.model.num_classes == 10 and paper.icl.resample_sequences == 0
   assert c.icl.resample_sequences == 128 and c.input.image_size == 4
   assert c.model.num_classes == len(c.input.classes) == 5
