@@ -156,6 +156,9 @@ def _check_patches(config, model) -> None:
     h, w, _ = data.image_shape(config.input)
   except (KeyError, TypeError, ValueError):  # Not an image dataset: nothing to tile.
     return
+  if h is None or w is None:
+    raise ConfigError(f"{config.input.dataset}'s images vary in size and nothing resizes them; "
+                      "set input.image_size, or an input.pp recipe ending at a fixed size")
   if h % patch or w % patch:
     source = "input.image_size" if config.input.get("image_size") else f"{config.input.dataset}"
     raise ConfigError(f"images are {h}x{w} ({source}) but the model's patch size {patch} does "

@@ -11,10 +11,42 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and exports go.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def _define_flags(flag_values, sys_argv=None):
+  config = config_flags.DEFINE_config_file("config", None, "Config file (file.py[:arg]).",
+                                           lock_config=True, flag_values=flag_values,
+                                           sys_argv=sys_argv)
+  workdir = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and exports go.",
+                                flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+  return config, workdir
+
+
+_CONFIG, _WORKDIR = _define_flags(flags.FLAGS)
+
+
+class UsageError(ValueError):
+  """A command line the CLI refuses before anything runs (printed as one line, exit 2)."""
+
+
+def _parse(argv, flag_values) -> None:
+  # ml_collections raises KeyError/TypeError from inside absl's parser: made one line here.
+  try:
+    flag_values(argv)
+  except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
+    msg = " ".join(str(e).split())
+    raise UsageError(_explain_override(argv) or msg) from None  # a bad key path, any depth
+
+
+def parse_command(argv):
+  """(config, workdir) of the command line `argv` (argv[0] = the program), parsed as main()
+  parses sys.argv but on fresh flags, so it can run many times in one process (tests of the
+  documented commands). Raises UsageError. absl's own flags (--v, --logtostderr) are not
+  defined here."""
+  flag_values = flags.FlagValues()
+  config, workdir = _define_flags(flag_values, sys_argv=list(argv))
+  _parse(list(argv), flag_values)
+  return config.value, workdir.value
 
 
 def run(argv):
@@ -84,14 +116,11 @@ def _model_fields(config) -> list[str]:
 
 
 def main():
-  # Parse once up front so an unknown --config.key or a wrong type is one line, exit 2
-  # (ml_collections raises KeyError/TypeError from inside absl's parser otherwise).
+  # Parse once up front so an unknown --config.key or a wrong type is one line, exit 2.
   try:
-    flags.FLAGS(sys.argv)
-  except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
-    msg = " ".join(str(e).split())
-    msg = _explain_override(sys.argv) or msg  # a bad key path, at any depth
-    print(f"error: {msg}", file=sys.stderr)
+    _parse(sys.argv, flags.FLAGS)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   app.run(run, flags_parser=lambda argv: [argv[0]])  # Already parsed above.
 

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import sys
 import time
 
 import jax
@@ -83,6 +85,67 @@ class Progress:
     mfu = f" MFU {speed['perf/mfu']:.1%}" if "perf/mfu" in speed else ""
     return (f"[{step}/{self.total}] {shown} | {sps:.2f} step/s "
             f"{speed['examples_per_sec']:.0f} ex/s{mfu} ETA {_hms(eta)}")
+
+
+class ProgressBar:
+  """A live progress line for runs whose printed table is the output (experiment scripts,
+  which silence the loop's INFO lines): step/total, loss, examples/s and ETA, fed by the loop
+  with every loss it checks (train.train_and_evaluate(..., progress=...)).
+
+  On a terminal it is one line redrawn in place (at most every `redraw_s`) and erased at the
+  end, so the script's own output is what stays. Elsewhere (a CI log, a file) it writes at
+  most one line every `every_s` seconds, plus a last one at the end when it wrote any: a run
+  shorter than `every_s` writes nothing. Only process 0 draws. It only reads host floats the
+  loop already fetched: metrics and results do not change."""
+
+  def __init__(self, stream=None, *, desc: str | None = None, every_s: float = 30.0,
+               redraw_s: float = 0.2, clock=time.monotonic):
+    self._stream, self._desc = stream, desc
+    self.every_s, self.redraw_s, self._clock = every_s, redraw_s, clock
+    self.active = False
+
+  def start(self, total_steps: int, global_batch_size: int, first_step: int, desc: str = ""):
+    self.stream = self._stream or sys.stderr  # Looked up now: test runners swap sys.stderr.
+    self.tty = self.stream.isatty()
+    self.total, self.batch, self.desc = total_steps, global_batch_size, self._desc or desc
+    self.active = jax.process_index() == 0 and first_step < total_steps
+    self._t0 = None  # (time, step) of the first step completed in this run
+    self._drawn = None  # the step drawn last
+    self._last, self._width, self.lines = self._clock(), 0, 0
+
+  def update(self, step: int, loss: float) -> None:
+    if not self.active:
+      return
+    now = self._clock()
+    if self._t0 is None:  # Rates count from the first completed step: start-up excluded.
+      self._t0 = (now, step)
+    if step == self._drawn or (step < self.total and now - self._last < (
+        self.redraw_s if self.tty else self.every_s)):
+      return
+    if not self.tty and step >= self.total and not self.lines:
+      return  # A short run stays out of the log.
+    self._last, self._drawn = now, step
+    dt, ds = now - self._t0[0], step - self._t0[1]
+    sps = ds / dt if dt > 0 and ds > 0 else math.nan
+    eta = 0.0 if step >= self.total else (self.total - step) / sps if sps > 0 else math.nan
+    done = int(20 * step / self.total)
+    speed = f"{sps * self.batch:.0f}" if sps == sps else "?"
+    line = (f"{self.desc + ' ' if self.desc else ''}[{'#' * done}{'.' * (20 - done)}] "
+            f"{step}/{self.total} loss {loss:.4g} {speed} ex/s ETA {_hms(eta)}")
+    if self.tty:  # Cut to the terminal: a wrapped line cannot be redrawn.
+      line = line[:shutil.get_terminal_size().columns - 1]
+      self.stream.write("\r" + line.ljust(self._width))
+      self._width = max(self._width, len(line))
+    else:
+      self.stream.write(line + "\n")
+    self.lines += 1
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.active and self.tty and self._width:
+      self.stream.write("\r" + " " * self._width + "\r")
+      self.stream.flush()
+    self.active = False
 
 
 def _hms(seconds: float) -> str:

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_transfer import checkpoint, config as config_lib, data, methods, mfu, optim, parallel
-from jax_transfer.metrics import MetricWriter, Progress
+from jax_transfer.metrics import MetricWriter, Progress, ProgressBar
 
 
 @flax.struct.dataclass
@@ -197,12 +197,16 @@ def _profile_window(config):
   return (start, start + config.profile.num_steps - 1) if start > 0 else None
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=None):
+def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=None,
+                       progress: ProgressBar | bool = False):
   """Runs (or resumes) the experiment in `config`, writing everything under `workdir`.
 
   devices: the devices of the mesh (default: all). stop_after_step: end this run after that
   step as a preemption would (checkpoint, then return), for resume tests. SIGTERM does the
-  same at the next step boundary. Returns (final train state, last evaluation's metrics).
+  same at the next step boundary. progress: True (or a metrics.ProgressBar) draws a live
+  step / loss / examples/s / ETA line on stderr, for callers that silence the INFO log lines
+  (the experiment scripts); it changes no metric. Returns (final train state, last
+  evaluation's metrics).
   """
   # ---------------------------------------------------------------- Validate (before compiling).
   parallel.maybe_initialize_distributed()
@@ -298,7 +302,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
     return results
 
   # ------------------------------------------------------------------------------------ Loop.
-  progress = Progress(config.total_steps, config.input.global_batch_size, first_step)
+  speed_meter = Progress(config.total_steps, config.input.global_batch_size, first_step)
+  bar = progress if isinstance(progress, ProgressBar) else ProgressBar() if progress else None
+  if bar:
+    bar.start(config.total_steps, config.input.global_batch_size, first_step,
+              desc=os.path.basename(os.path.normpath(workdir)))
   preemption = Preemption()
   profile = _profile_window(config)
   last_eval = {}
@@ -311,6 +319,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
       raise NonFiniteLossError(
           f"loss is {loss} at step {step}; stopping. The last good checkpoint "
           f"(step {mngr.latest_step()}) in {workdir} is intact.")
+    if bar:  # Every checked loss (already on the host) also feeds the live line.
+      bar.update(step, loss)
 
   try:
     for step in range(first_step + 1, config.total_steps + 1):
@@ -331,14 +341,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
       if step % config.log_every_steps == 0 or final:
         check_finite(step, metrics)
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        speed = progress.measure(step)
+        speed = speed_meter.measure(step)
         utilisation = mfu.mfu(flops, speed["steps_per_sec"], peak)
         if utilisation is not None:
           speed["perf/mfu"] = utilisation
         if hasattr(host_iter, "skipped"):  # Web shards: corrupt samples skipped so far.
           speed["data/skipped"] = host_iter.skipped
         writer.write(step, {**host, **speed})
-        logging.info(progress.line(step, host, speed))
+        logging.info(speed_meter.line(step, host, speed))
       if step % config.eval_every_steps == 0 or final:
         last_eval = run_evals(step, force=final) or last_eval
       preempted = preemption.reached(step)
@@ -354,6 +364,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
     if first_step >= config.total_steps:  # Relaunch of a finished run: just evaluate.
       last_eval = run_evals(first_step, force=True)
   finally:
+    if bar:
+      bar.close()
     preemption.close()
     mngr.wait_until_finished()
     mngr.close()

@@ -43,6 +43,8 @@ BAD = [
     ("model.num_classes", 10, r"model.num_classes=10 but the data has 5 classes"),
     ("input.classes", [3, 12], r"input.classes has \[12\], outside 0..9"),
     ("input.dataset", "nosuch_ds", r"input.dataset: Dataset 'nosuch_ds' is neither embedded"),
+    ("input.dataset", "shapes_jpeg", r"shapes_jpeg's images vary in size and nothing resizes "
+                                     r"them; set input.image_size"),
     ("input.global_batch_size", 12, r"global_batch_size=12 must be divisible by the "
                                     r"data-parallel size \(mesh.data\*mesh.fsdp=8\)"),
     ("grad_accum_steps", 3, r"divisible by .* times grad_accum_steps=3"),
@@ -86,8 +88,9 @@ def _cli(*args, env_extra=None):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.optimzer.lr=1", "error: unknown config key 'optimzer' in a --config.* override"
-                              ' (Did you mean "optimizer" instead of "optimzer"?)'),
+    ("--config.optimzer.lr=1", "error: unknown config key 'optimzer' in "
+                              "'--config.optimzer.lr': config has ["),
+    ("--config.input.batchsize=3", "(did you mean 'global_batch_size'?)"),
     ("--config.optimizer.lr=abc", "could not convert string to float: 'abc'"),
     ("--config.model.variant=zz/2", "error: model: Unknown ViT variant 'zz/2'"),
 ])

@@ -1,6 +1,10 @@
 """Observability on pods: jax.profiler traces of configured steps, MFU from the compiled step's
-FLOP count and the device's peak (omitted on CPU)."""
+FLOP count and the device's peak (omitted on CPU), and the live progress line of the
+experiment scripts."""
 import glob
+import io
+import itertools
+import re
 import types
 
 import jax
@@ -55,3 +59,52 @@ def test_mfu_is_omitted_on_cpu(data_dir, tmp_path):
   rows = [m for m in metrics_lib.read_jsonl(workdir) if "train/loss" in m]
   assert rows and not any("perf/mfu" in m for m in rows)
   assert not glob.glob(f"{workdir}/tensorboard/plugins/profile")
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_bar_reports_live_and_changes_nothing(data_dir, tmp_path):
+  """train_and_evaluate(progress=...): on a terminal one line redrawn in place with step/total,
+  loss, examples/s and ETA, ending at the last step and then erased; in a log at most one
+  line per `every_s` (a fake clock ticking 1 s per reading). Metrics are those of a run
+  without it."""
+  c = _config(data_dir, steps=12)
+  devices = jax.devices()[:2]
+  plain, tty_run, log_run = (str(tmp_path / n) for n in ("plain", "tty", "log"))
+  _, plain_eval = train.train_and_evaluate(c, plain, devices=devices)
+
+  terminal = _Terminal()
+  _, tty_eval = train.train_and_evaluate(
+      c, tty_run, devices=devices,
+      progress=metrics_lib.ProgressBar(terminal, desc="tiny", redraw_s=0))
+  frames = [f.strip() for f in terminal.getvalue().split("\r") if f.strip()]
+  steps = [int(re.search(r"\] (\d+)/12 ", f).group(1)) for f in frames]
+  assert steps == sorted(set(steps)) and steps[-1] == 12 and len(steps) > 3
+  assert all(re.fullmatch(r"tiny \[[#.]{20}\] \d+/12 loss [\d.e+-]+ (\d+|\?) ex/s "
+                          r"ETA (\d+:\d\d:\d\d|\?)", f) for f in frames), frames
+  assert re.search(r"\] 12/12 loss [\d.]+ \d+ ex/s ETA 0:00:00$", frames[-1])
+  assert terminal.getvalue().endswith("\r") and "\n" not in terminal.getvalue()  # Erased.
+
+  ticks = itertools.count()
+  log = io.StringIO()
+  bar = metrics_lib.ProgressBar(log, every_s=4, clock=lambda: float(next(ticks)))
+  _, log_eval = train.train_and_evaluate(c, log_run, devices=devices, progress=bar)
+  lines = log.getvalue().splitlines()
+  assert 1 <= len(lines) <= next(ticks) / 4 + 1 and "\r" not in log.getvalue()
+  assert lines[-1].startswith("log [####################] 12/12 loss ")
+
+  quiet = io.StringIO()  # The default: 30 s between lines, so a run this short writes none.
+  bar = metrics_lib.ProgressBar(quiet)
+  bar.start(12, 16, 0)
+  for step in range(1, 13):
+    bar.update(step, 1.0)
+  assert quiet.getvalue() == ""
+
+  def train_rows(workdir):
+    return [{k: v for k, v in m.items() if not k.endswith("_per_sec")}
+            for m in metrics_lib.read_jsonl(workdir)]
+  assert train_rows(tty_run) == train_rows(log_run) == train_rows(plain)
+  assert tty_eval == log_eval == plain_eval

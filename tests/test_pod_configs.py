@@ -10,6 +10,7 @@ import pathlib
 import pytest
 
 from jax_transfer import config as config_lib, data
+from jax_transfer.data import builders
 from jax_transfer.models import vit
 
 CONFIG_ROOT = pathlib.Path(__file__).resolve().parents[1] / "ml_collections_configs"
@@ -26,7 +27,7 @@ TARGETS = {
 }
 # Device counts a config without an entry above may target (CPU, one host, pod slices).
 ANY_TARGET = (1, 8, 16, 32, 64, 128, 256)
-EMBEDDED = ("digits", "shapes_captions")
+EMBEDDED = tuple(builders.EMBEDDED)  # digits, shapes_captions, shapes_jpeg
 # TFDS catalogue metadata (tensorflow_datasets docs) of datasets the pod configs use:
 # name -> (classes of 'label', image shape; None = varies per image).
 CATALOGUE = {"imagenet2012": (1000, (None, None, 3)), "cifar10": (10, (32, 32, 3)),
@@ -74,15 +75,19 @@ def test_config_validates_for_its_hardware(rel):
   for arg, devices in TARGETS.get(rel, []):
     config_lib.validate(_get_config(rel, arg), devices)
   if rel not in TARGETS:  # Unlisted config: its default must fit *some* plausible machine.
-    config = _get_config(rel, "")
-    errors = []
-    for devices in ANY_TARGET:
-      try:
-        config_lib.validate(config, devices)
-        return
-      except config_lib.ConfigError as e:
-        errors.append(f"{devices}: {e}")
-    pytest.fail(f"{rel} validates for none of {ANY_TARGET} devices: {errors}")
+    validate_for_some(_get_config(rel, ""), ANY_TARGET, rel)
+
+
+def validate_for_some(config, device_counts, what):
+  """Passes when `config` validates for one of `device_counts`; fails naming every error."""
+  errors = []
+  for devices in device_counts:
+    try:
+      config_lib.validate(config, devices)
+      return
+    except config_lib.ConfigError as e:
+      errors.append(f"{devices}: {e}")
+  pytest.fail(f"{what} validates for none of {tuple(device_counts)} devices: {errors}")
 
 
 @pytest.mark.parametrize("rel", _config_files())

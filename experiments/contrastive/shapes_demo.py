@@ -82,7 +82,7 @@ def main():
     print(f"training {loss} ({c.total_steps} steps, batch {c.input.global_batch_size})...",
           flush=True)
     t0 = time.time()
-    _, final = train.train_and_evaluate(c, os.path.join(out, loss))
+    _, final = train.train_and_evaluate(c, os.path.join(out, loss), progress=True)
     summary[loss] = dict(final, wall_time_s=time.time() - t0)
   info = data.dataset_info("shapes_captions")
   n = c.contrastive.retrieval_limit

@@ -125,7 +125,7 @@ def main():
   t0 = time.time()
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
-  run = lambda c, name: train.train_and_evaluate(c, os.path.join(out, name))[1]
+  run = lambda c, name: train.train_and_evaluate(c, os.path.join(out, name), progress=True)[1]
 
   print(f"[1/3] g: Barlow Twins ConvNet on unlabelled digits ({args.ssl_steps} steps)", flush=True)
   g_eval = run(config("ssl", total_steps=args.ssl_steps, eval_every_steps=args.ssl_steps), "g")
@@ -141,7 +141,8 @@ def main():
     c = config("", **{"distill.target_export": g_export, "distill.num_synthetic": args.n,
                       "distill.init_seed": seed, "seed": seed,
                       "total_steps": args.distill_steps, "eval_every_steps": args.distill_steps})
-    state, _ = train.train_and_evaluate(c, os.path.join(out, f"krr_st_seed{seed}"))
+    state, _ = train.train_and_evaluate(c, os.path.join(out, f"krr_st_seed{seed}"),
+                                        progress=True)
     sets = {"krr_st": (np.asarray(state.params["images"]), np.asarray(state.params["targets"]))}
     sets.update(baseline_sets(c, g_export, args.n, seed))
     if seed == 0:

@@ -47,7 +47,7 @@ def run_point(num_tasks, steps, out, final_datasets, lstm=False, fixed=0.0, sequ
                          + (f"_fixed{fixed}" if fixed else "")
                          + (f"_batch{sequences}" if sequences != 128 else ""))
   t = time.time()
-  _, final = train.train_and_evaluate(c, workdir)
+  _, final = train.train_and_evaluate(c, workdir, progress=True)
   return final, time.time() - t
 
 

@@ -108,7 +108,7 @@ def main():
   _, ev = train.train_and_evaluate(_set(digits_vit.get_config(""),
                                         total_steps=args.teacher_steps,
                                         seed=args.upstream_seed),
-                                   os.path.join(out, "teacher"))
+                                   os.path.join(out, "teacher"), progress=True)
   export_lib.export_workdir(os.path.join(out, "teacher"), teacher_dir)
   teacher_acc, times["teacher_s"] = ev["eval/accuracy"], time.time() - t
   print(f"      digits 0-4 test accuracy {teacher_acc:.3f} ({times['teacher_s']:.0f}s)")
@@ -118,7 +118,7 @@ def main():
   t = time.time()
   _, ev = train.train_and_evaluate(
       _set(digits_aux.get_config(""), total_steps=args.aux_steps, seed=args.upstream_seed,
-           **{"learngene.teacher_dir": teacher_dir}), os.path.join(out, "aux"))
+           **{"learngene.teacher_dir": teacher_dir}), os.path.join(out, "aux"), progress=True)
   export_lib.export_workdir(os.path.join(out, "aux"), learngene_dir)
   aux_acc, times["aux_s"] = ev["eval/accuracy"], time.time() - t
   print(f"      digits 0-4 test accuracy {aux_acc:.3f} ({times['aux_s']:.0f}s)")
@@ -135,7 +135,7 @@ def main():
                  **{"seed": seed, "input.subset_seed": seed, "init.export_dir": init,
                     "input.examples_per_class": args.shots,
                     "total_steps": args.descendant_steps})
-        state, ev = train.train_and_evaluate(c, wd)
+        state, ev = train.train_and_evaluate(c, wd, progress=True)
         vit_sizes[d] = backbone_params(checkpoint.flatten(state.params))
         print(f"      seed {seed} depth {d} {arm:9s} {ev['eval/accuracy']:.3f}", flush=True)
   times["descendants_s"] = time.time() - t

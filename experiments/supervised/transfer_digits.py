@@ -28,7 +28,8 @@ import numpy as np
 
 def run_arm(train, base_cfg, workdir, **overrides):
   from jax_transfer.config import with_overrides
-  _, final = train.train_and_evaluate(with_overrides(base_cfg, **overrides), workdir)
+  _, final = train.train_and_evaluate(with_overrides(base_cfg, **overrides), workdir,
+                                    progress=True)
   return final["eval/accuracy"]
 
 

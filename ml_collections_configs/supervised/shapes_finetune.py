@@ -2,9 +2,10 @@ r"""Fine-tune an exported or imported ViT classifier on the embedded shapes_jpeg
 96-500 px, 6 shape classes, imagenet2012's record layout): the transfer recipe of a published
 checkpoint (AugReg / big_vision / timm ViT imported by jax_transfer.tools.import_checkpoint).
 
-Arguments (comma-separated): `init=DIR` (required: the export to start from; its model,
-image size and normalisation, a new 6-class head: config.init_from_export), `probe` to train
-the head only, `runlocal` for a smoke-sized run.
+Arguments (comma-separated): `init=DIR`, the export to start from (its model, image size and
+normalisation, a new 6-class head: config.init_from_export); without it a ViT-mu/4 at 32 px
+trains from scratch at the same budget (the baseline arm). `probe` trains the head only,
+`runlocal` shrinks to a smoke-sized run.
 
 Command:
   python -m jax_transfer.tools.import_checkpoint --checkpoint=ViT-B_16.npz --out=/tmp/augreg
@@ -19,9 +20,6 @@ from jax_transfer.config import base_config, init_from_export
 def get_config(arg: str = ""):
   args = [a for a in arg.split(",") if a]
   init = next((a[len("init="):] for a in args if a.startswith("init=")), None)
-  if not init:
-    raise ValueError("shapes_finetune.py needs the export to fine-tune: "
-                     "--config=ml_collections_configs/supervised/shapes_finetune.py:init=DIR")
   c = base_config()
   c.method = "supervised"
   c.model_name = "vit"
@@ -40,7 +38,11 @@ def get_config(arg: str = ""):
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip_norm = 1.0
   c.schedule.warmup_steps = 50
-  init_from_export(c, init, keep_head=False)
+  if init:
+    init_from_export(c, init, keep_head=False)
+  else:  # From scratch: the baseline a fine-tuned import is compared with.
+    c.model.variant = "mu/4"
+    c.input.image_size = 32
   if "probe" in args:
     c.optimizer.trainable_regex = "^head/"
   if "runlocal" in args:
