@@ -81,6 +81,17 @@ def _path_mask(params, regex: str, match_value: bool, key: str = "regex",
   return flax.traverse_util.unflatten_dict(mask, sep="/")
 
 
+def trainable_paths(params, opt_cfg):
+  """The '/'-paths of the params optimizer.trainable_regex trains, or None when it trains all
+  (the default '.*'). The train step takes gradients with respect to these only, so frozen
+  weights cost no backward pass (their weight gradients are never formed)."""
+  if opt_cfg.trainable_regex in ("", ".*"):
+    return None
+  mask = _path_mask(params, opt_cfg.trainable_regex, True, key="optimizer.trainable_regex",
+                    purpose="frozen")
+  return frozenset(k for k, v in flax.traverse_util.flatten_dict(mask, sep="/").items() if v)
+
+
 def make_optimizer(opt_cfg, sched_cfg, total_steps: int):
   """Returns (optax transformation, schedule). The transformation is a function of the param
   tree only through masks, built lazily so it works with abstract (eval_shape) params."""

@@ -37,14 +37,34 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def make_default_train_step(method, tx, schedule, grad_accum_steps: int):
+def make_default_train_step(method, tx, schedule, grad_accum_steps: int, opt_cfg=None):
   """(state, batch) -> (state, metrics): grads of method.loss_fn, averaged over
-  `grad_accum_steps` microbatches (lax.scan keeps one microbatch live at a time)."""
+  `grad_accum_steps` microbatches (lax.scan keeps one microbatch live at a time).
+
+  opt_cfg: config.optimizer; its trainable_regex selects the leaves to differentiate
+  (optim.trainable_paths, read at trace time from the params' shapes). The gradient is taken
+  with respect to those leaves only, the others entering as constants, so
+  a frozen backbone costs its forward pass and no backward (a linear probe's step compiles to
+  ~1/3 of full fine-tuning's FLOPs: tests/test_optim.py). The frozen leaves get zero
+  gradients, which the optimiser (multi_transform 'freeze') ignores."""
 
   def grads_of(params, extra, batch, rng):
-    (loss, (metrics, extra)), grads = jax.value_and_grad(method.loss_fn, has_aux=True)(
-        params, extra, batch, rng)
-    return grads, dict(metrics, loss=loss), extra
+    trainable = optim.trainable_paths(params, opt_cfg) if opt_cfg is not None else None
+    if trainable is None:
+      (loss, (metrics, extra)), grads = jax.value_and_grad(method.loss_fn, has_aux=True)(
+          params, extra, batch, rng)
+      return grads, dict(metrics, loss=loss), extra
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    train = {k: v for k, v in flat.items() if k in trainable}
+    frozen = {k: jax.lax.stop_gradient(v) for k, v in flat.items() if k not in trainable}
+
+    def loss_of(train):
+      return method.loss_fn(flax.traverse_util.unflatten_dict({**frozen, **train}, sep="/"),
+                            extra, batch, rng)
+    (loss, (metrics, extra_out)), g = jax.value_and_grad(loss_of, has_aux=True)(train)
+    zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
+    grads = flax.traverse_util.unflatten_dict({**zeros, **g}, sep="/")
+    return grads, dict(metrics, loss=loss), extra_out
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -122,8 +142,8 @@ def jit_train_step(method, tx, schedule, config, state_sh, mesh):
   replicated. The loop compiles it ahead of time; benchmarks/ time it. Lower and call it
   under the mesh and logical-rules context (jax.set_mesh, parallel.with_sharding_rules):
   that is where it is traced."""
-  step_fn = method.train_step or make_default_train_step(method, tx, schedule,
-                                                         config.grad_accum_steps)
+  step_fn = method.train_step or make_default_train_step(
+      method, tx, schedule, config.grad_accum_steps, opt_cfg=config.optimizer)
   return jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
                  out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
 
