@@ -22,6 +22,11 @@ class ConfigError(ValueError):
   """A bad config value; the message is one line naming the key."""
 
 
+# config.peft's keys and defaults (their meaning: jax_transfer/peft.py).
+PEFT_DEFAULTS = dict(method="none", target_regex="", rank=8, alpha=16.0, rslora=False,
+                     dropout=0.0, init="kaiming", scale=4.0, train_regex=r"^head/")
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "supervised"
@@ -77,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=3))
 
   # Initialise from an exported checkpoint (transfer): regex-selected subtrees.
+  # Parameter-efficient transfer (jax_transfer/peft.py): 'none' | 'lora' | 'adapter' |
+  # 'parallel_adapter' | 'bitfit', on any model, e.g. --config.peft.method=lora.
+  c.peft = ml_collections.ConfigDict(dict(PEFT_DEFAULTS))
   c.init = ml_collections.ConfigDict(dict(
       export_dir=ml_collections.config_dict.placeholder(str), load_regex=".*",
       skip_regex="^head/"))
@@ -208,6 +216,11 @@ def validate(config, num_devices: int) -> None:
     raise ConfigError(f"method={config.get('method')!r} is unknown; allowed: "
                       f"{sorted(methods.METHODS)}")
   _check_keys(config, base_config())
+  from jax_transfer import peft  # pylint: disable=g-import-not-at-top
+  try:
+    peft.optimizer_config(config)  # validates config.peft as well
+  except ValueError as e:
+    raise ConfigError(f"peft: {e}") from None
   if config.model_name not in models.MODELS:
     raise ConfigError(f"model_name={config.model_name!r} is unknown; allowed: "
                       f"{sorted(models.MODELS)}")

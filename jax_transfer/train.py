@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_transfer import checkpoint, config as config_lib, data, methods, mfu, optim, parallel
+from jax_transfer import (checkpoint, config as config_lib, data, methods, mfu, optim, parallel,
+                          peft)
 from jax_transfer.metrics import MetricWriter, Progress, ProgressBar
 
 
@@ -143,7 +144,7 @@ def jit_train_step(method, tx, schedule, config, state_sh, mesh):
   under the mesh and logical-rules context (jax.set_mesh, parallel.with_sharding_rules):
   that is where it is traced."""
   step_fn = method.train_step or make_default_train_step(
-      method, tx, schedule, config.grad_accum_steps, opt_cfg=config.optimizer)
+      method, tx, schedule, config.grad_accum_steps, opt_cfg=peft.optimizer_config(config))
   return jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
                  out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
 
@@ -254,7 +255,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
       config.input.device_prefetch)
 
   # ------------------------------------------------------------------------- Model + update.
-  tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.total_steps)
+  tx, schedule = optim.make_optimizer(peft.optimizer_config(config), config.schedule,
+                                      config.total_steps)
 
   # ------------------------------------------- Checks against what is on disk (still no compile).
   rng = jax.random.key(config.seed)

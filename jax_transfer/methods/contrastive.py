@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_transfer import config as config_lib, data, losses, models
+from jax_transfer import config as config_lib, data, losses, models, peft
 from jax_transfer.evaluators.linear_probe import LinearProbeEvaluator
 from jax_transfer.evaluators.retrieval import RetrievalEvaluator
 from jax_transfer.evaluators.zero_shot import ZeroShotEvaluator
@@ -94,7 +94,8 @@ class Contrastive(Method):
 
   def __init__(self, config, mesh, workdir=None):
     super().__init__(config, mesh, workdir)
-    self.model = models.get_model(config.model_name, **config_lib.model_kwargs(config.model))
+    self.model = peft.wrap(models.get_model(config.model_name,
+                                            **config_lib.model_kwargs(config.model)), config)
     self.tokenizer = get_tokenizer(config, workdir)
     info = data.dataset_info(config.input.dataset, config.input.data_dir)
     self.attributes = info.get("attributes") or {}

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jax_transfer import config as config_lib, data, models, parallel
+from jax_transfer import config as config_lib, data, models, parallel, peft
 from jax_transfer.data import icl_tasks
 from jax_transfer.evaluators import icl_curves
 from jax_transfer.methods.base import Method
@@ -97,7 +97,8 @@ class ICL(Method):
   def __init__(self, config, mesh, workdir=None):
     super().__init__(config, mesh, workdir)
     self.icl = config.icl
-    self.model = models.get_model(config.model_name, **config_lib.model_kwargs(config.model))
+    self.model = peft.wrap(models.get_model(config.model_name,
+                                            **config_lib.model_kwargs(config.model)), config)
     self.num_classes = config.model.num_classes
     self.feature_count = feature_count(config.input)
     self.model_dim = self.icl.model_dim or self.feature_count

@@ -24,7 +24,9 @@ from jax_transfer.methods.base import Method
 
 def build_model(config):
   """The model named by config.model_name, with config.model's fields (dtype by name)."""
-  return models.get_model(config.model_name, **config_lib.model_kwargs(config.model))
+  from jax_transfer import peft  # pylint: disable=g-import-not-at-top
+  return peft.wrap(models.get_model(config.model_name, **config_lib.model_kwargs(config.model)),
+                   config)
 
 
 MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5,
