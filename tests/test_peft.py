@@ -9,6 +9,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -150,3 +151,60 @@ def test_lora_alone_works_on_two_towers_and_bad_keys_are_clear():
   both.optimizer.trainable_regex = "^img/"
   with pytest.raises(config_lib.ConfigError, match="both choose the trainable"):
     config_lib.validate(both, 1)
+
+
+def test_lora_forward_equals_hugging_face_peft():
+  """A timm ViT with HF peft's LoRA on its fused qkv Linear (random non-zero B, alpha / r
+  scaling) and our import of the same weights with config.peft LoRA on attn/qkv: the same
+  logits. peft's lora_A.weight [r, D] is our qkv/lora_a [D, r] transposed; lora_B.weight
+  [3D, r] is our lora_b [r, 3, H, K]. Skipped without torch / timm / peft."""
+  import open_clip_shim
+  timm = open_clip_shim.load_timm()
+  hf_peft = pytest.importorskip("peft")
+  if timm is None:
+    pytest.skip("torch / timm not installed (bash setup_env.sh dev)")
+  import torch
+  from jax_transfer.convert import timm_vit
+  torch.manual_seed(0)
+  d, heads, r, alpha = 48, 3, 4, 12.0
+  base = timm.models.vision_transformer.VisionTransformer(
+      img_size=16, patch_size=4, embed_dim=d, depth=2, num_heads=heads, mlp_ratio=2.0,
+      num_classes=5).eval()
+  with torch.no_grad():
+    for p in base.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  sd = {k: v.numpy().copy() for k, v in base.state_dict().items()}
+  model = hf_peft.get_peft_model(base, hf_peft.LoraConfig(r=r, lora_alpha=alpha,
+                                                          target_modules=["qkv"])).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.1)
+  images = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+
+  c = timm_vit.convert(sd, heads=heads)
+  cfg = _cfg(method="lora", rank=r, alpha=alpha, target_regex=r".*attn/qkv")
+  ours = peft.wrap(make_vit(None, **config_lib.model_kwargs(
+      ml_collections.ConfigDict(c.model_kwargs))), cfg)
+  params = nn.unbox(ours.init(jax.random.key(0), jnp.asarray(images))["params"])
+  for k, v in _flat(c.params).items():  # the imported base
+    node = params
+    *parents, leaf = k.split("/")
+    for part in parents:
+      node = node[part]
+    node[leaf] = v
+  lora = {n: p.detach().numpy() for n, p in model.named_parameters() if "lora_" in n}
+  for i in range(2):
+    a = lora[f"base_model.model.blocks.{i}.attn.qkv.lora_A.default.weight"]  # [r, D]
+    b = lora[f"base_model.model.blocks.{i}.attn.qkv.lora_B.default.weight"]  # [3D, r]
+    qkv = params[f"encoderblock_{i}"]["attn"]["qkv"]
+    qkv["lora_a"] = a.T
+    qkv["lora_b"] = b.T.reshape(r, 3, heads, d // heads)
+  got = np.asarray(ours.apply({"params": params}, jnp.asarray(images))[0])
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * max(1.0, np.abs(want).max()))
+  for i in range(2):  # not vacuous: without the LoRA branch the logits differ
+    params[f"encoderblock_{i}"]["attn"]["qkv"]["lora_b"] *= 0
+  no_lora = np.asarray(ours.apply({"params": params}, jnp.asarray(images))[0])
+  assert np.abs(no_lora - want).max() > 100 * 2e-5 * max(1.0, np.abs(want).max())
