@@ -57,8 +57,8 @@ class TrainStep:
   def fresh_state(self):
     """A new train state (e.g. after a failed call deleted the donated one)."""
     import jax
-    from jax_transfer import optim, train
-    tx, _ = optim.make_optimizer(self.config.optimizer, self.config.schedule,
+    from jax_transfer import optim, peft, train
+    tx, _ = optim.make_optimizer(peft.optimizer_config(self.config), self.config.schedule,
                                  self.config.total_steps)
     state, _ = train.create_state(self.method, tx, self.mesh, self.rules,
                                   jax.random.key(self.config.seed))
@@ -70,14 +70,15 @@ class TrainStep:
 def build_train_step(config, devices=None, workdir: str | None = None) -> TrainStep:
   """The jitted train step of `config` on `devices` (default: all), built as train.py does."""
   import jax
-  from jax_transfer import config as config_lib, methods, optim, parallel, train
+  from jax_transfer import config as config_lib, methods, optim, parallel, peft, train
 
   devices = list(devices if devices is not None else jax.devices())
   config_lib.validate(config, len(devices))
   mesh = parallel.make_mesh(config.mesh, devices)
   rules = parallel.rules_from_config(config.sharding_rules)
   method = methods.get_method(config.method)(config, mesh, workdir)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.total_steps)
+  tx, schedule = optim.make_optimizer(peft.optimizer_config(config), config.schedule,
+                                      config.total_steps)
   state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
   # As train.py on a fresh start: host-loaded method state (a distillation teacher).
   state = state.replace(extra=jax.device_put(method.load_extra(state.extra), state_sh.extra))
