@@ -65,6 +65,9 @@ def main():
   parser.add_argument("--out", default="workdirs/shapes_clip")
   parser.add_argument("--losses", default="clip")
   parser.add_argument("--steps", type=int, default=None, help="override total_steps")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="config.seed: init, data order and augmentation (the README's "
+                           "table is seed 0; experiments/RESULTS.md gives seeds 0-2)")
   args = parser.parse_args()
 
   from jax_transfer import data, train
@@ -79,6 +82,7 @@ def main():
     c = shapes_clip.get_config(loss)
     if args.steps:
       c.total_steps = args.steps
+    c.seed = args.seed
     print(f"training {loss} ({c.total_steps} steps, batch {c.input.global_batch_size})...",
           flush=True)
     t0 = time.time()

@@ -19,7 +19,8 @@ via experiments/contrastive/shapes_demo.py): 187 s wall at load ~2;
 held-out zero-shot accuracy shape 0.631 / colour 0.964 / size 0.936 / position 0.991 (chance
 0.167 / 0.125 / 0.5 / 0.111); retrieval R@1 i2t 0.943, t2i 0.970 (chance 0.002). `:align`
 gives the same to 3 digits; `:siglip` 0.412 / 0.841 / 0.577 / 0.849 at this budget.
-Full tables: experiments/RESULTS.md.
+Full tables: experiments/RESULTS.md (exact on that machine and versions; on another CPU or
+seed expect its three-seed ranges, e.g. zero-shot shape 0.46-0.61 on an Intel Xeon).
 """
 import math
 
