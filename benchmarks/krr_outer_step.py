@@ -10,8 +10,9 @@ depth 3 -> 512 features), pool of 4, real batch 128, g = a randomly initialised 
 (the step's cost does not depend on g's weights). For each n it reports:
   ms/step       median of --steps outer steps (one real batch reused; pipeline excluded), each
                 timed to jax.block_until_ready.
-  solve ms      the n x n part alone: jitted value_and_grad of losses.krr_loss w.r.t. (f_s, Y_s)
-                on fixed features, i.e. K_ss, its Cholesky solve and K_ts (cubic in n).
+  solve ms      the KRR part alone: jitted value_and_grad of losses.krr_loss w.r.t. (f_s, Y_s)
+                on fixed features: QR of the augmented features on the smaller side
+                (losses.krr_form: [n, n] while n <= 513, then [513, 513]), solves, prediction.
   XLA temp/args MiB  compiled.memory_analysis() of the whole step.
 Writes/replaces only the section "## KRR-ST outer step" of --results (others are kept).
 """
@@ -109,7 +110,9 @@ def main():
       "ConvNet learner (width 32, depth 3, 512 features + bias), pool of 4, real batch 128, "
       "one inner SGD step on the picked model. Median of "
       f"{args.steps} steps after 2 warm-up steps; 'solve' = value_and_grad of the KRR loss "
-      "alone on fixed features (K_ss [n, n], Cholesky, K_ts), the part cubic in n.",
+      "alone on fixed features (QR of the bias-augmented features on the smaller side, "
+      "losses.krr_form: dual [n, n] up to n = 513, primal [513, 513] above; its solves and "
+      "the prediction). Per-part profile at n = 1000: 'KRR-ST outer step: where the time goes'.",
       "",
       "| n (synthetic images) | ms/step | vs. n=%d | solve ms | compile s | XLA temp MiB | "
       "XLA args MiB |" % rows[0]["n"],
@@ -117,7 +120,8 @@ def main():
   for r in rows:
     lines.append(f"| {r['n']} | {r['ms']:.1f} | {r['ms'] / base:.2f}x | {r['solve_ms']:.2f} | "
                  f"{r['compile_s']:.2f} | {r['temp']:.1f} | {r['args']:.1f} |")
-  lines += ["", f"Command: `python benchmarks/krr_outer_step.py --sizes {args.sizes} "
+  lines += ["", f"Command: `{report.env_prefix('OPENBLAS_NUM_THREADS')}"
+            f"python benchmarks/krr_outer_step.py --sizes {args.sizes} "
             f"--steps {args.steps}`", "",
             report.machine_line(f"jax {jax.__version__}, backend {jax.default_backend()}",
                                 load)]

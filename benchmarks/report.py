@@ -68,6 +68,13 @@ def command_line(script: str, parser, args, names) -> str:
                           if getattr(args, k) != parser.get_default(k))
 
 
+def env_prefix(*names: str) -> str:
+  """`NAME=value ` for each environment variable in `names` that is set: the part of a
+  section's command that argv does not show (e.g. OPENBLAS_NUM_THREADS, which the LAPACK
+  calls of jax's CPU linalg, via scipy's OpenBLAS, obey)."""
+  return "".join(f"{n}={os.environ[n]} " for n in names if n in os.environ)
+
+
 def footer(command: str, machine: str, note: str = "") -> list[str]:
   """The lines that end a section: the command, the machine line and, when given, a note."""
   return [f"Command: `{command}`", "", machine, ""] + ([note, ""] if note else [])

@@ -444,49 +444,140 @@ def barlow_twins_loss(z1, z2, offdiag_weight: float = 5e-3, eps: float = 1e-5):
 # tr(K)/n; not used here). Features get an appended column of ones (an unpenalised-in-effect
 # bias), so K = f fᵀ + 1. scikit-learn's KernelRidge(alpha=λ, kernel='linear') on the same
 # bias-augmented features solves the same problem (tests/test_distill.py checks it).
+#
+# Why QR, and which side (issue #16 item 3). With Φ = the bias-augmented support features
+# [n, p] (p = F + 1), the prediction is Φ_t W with W = (ΦᵀΦ + λI)⁻¹ΦᵀY = Φᵀ(ΦΦᵀ + λI)⁻¹Y (the
+# push-through identity: one function, two forms). λ = 1e-6·tr(K_ss) is tiny, so ΦΦᵀ + λI
+# (or ΦᵀΦ + λI) has a condition number up to ~1e6 whenever Φ has singular values below √λ:
+# always when n > p (K_ss [n, n] has rank ≤ p), and in practice also when n ≤ p, since
+# learned features have a decaying spectrum. Forming that Gram and solving it by Cholesky in
+# float32 costs up to cond·eps ~ 1e-3..1e-2 relative error: the former krr_predict (dual
+# form, now krr_predict_cholesky) was off by 1e-2 / 5e-3 / 4e-3 in values and 7e-2 / 2e-2 /
+# 6e-3 in gradients at n / F = 40 / 9, 200 / 64, 1000 / 512 (ReLU features); the primal
+# Cholesky form, fine for n > p on such features, loses ~3e-3 when n ≤ p, and both lose
+# ~1e-3 on decaying spectra (1e-3 / 2e-3 for the dual at the pod config's 1000 / 2048).
+# The regularised Gram is instead factorised without being formed: it is MᵀM for the
+# augmented matrix M = [Φ; √λ I_p] (primal) or M = [Φᵀ; √λ I_n] (dual), so M = QR gives its
+# Cholesky factor R at √cond·eps (≤ 1e3·eps), and W = R⁻¹Q₁ᵀY (primal) or Q₁R⁻ᵀY (dual) never
+# squares Φ. The side is picked by shape only (static, so jit-friendly): primal (R is
+# [p, p]) when n > p, dual (R is [n, n]) when n ≤ p. That is the smaller factorisation,
+# O((n + p) min(n, p)²), and the one whose backward is accurate (on the other side the
+# hand-written cotangents below subtract nearly equal terms and lose ~1e-3; values agree
+# either way). Float32 vs float64 on the picked side: ≤ 1e-5 relative in values and ≤ 3e-5 in
+# gradients, on both sides of n = p, at n ≈ p and on decaying spectra (tests/test_distill.py).
+# The backward pass is written by hand (custom_vjp) with the same R: autodiff through the QR
+# would differentiate the QR itself (triangular solves with [n + p, p] tangents), tens of
+# times the forward's cost on CPU; the closed-form cotangents need only triangular solves
+# with D right-hand sides and matmuls. All matmuls here run at HIGHEST precision:
+# accelerators default float32 dots to bf16 (TPU) or TF32 (GPU), 3 significant digits, which
+# no ridge of 1e-6·tr(K) survives (not measured here: no accelerator).
 
 def _with_bias(f):
   f = f.astype(jnp.float32)
   return jnp.concatenate([f, jnp.ones((f.shape[0], 1), f.dtype)], axis=1)
 
 
-def krr_reg(k_ss, reg_ratio: float = 1e-6):
-  """λ = reg_ratio · tr(K_ss) (KRR-ST's convention)."""
-  return reg_ratio * jnp.trace(k_ss)
+def _mm(a, b):
+  return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
 
 
-def krr_predict(f_t, f_s, y_s, reg_ratio: float = 1e-6):
-  """Dual (kernel) form, KRR-ST sec. 3: ŷ_t = K_ts (K_ss + λI)⁻¹ Y_s.
+def _tri(r, b, trans=False):
+  """R⁻¹b (R⁻ᵀb with trans) for the upper-triangular factor R."""
+  return jax.scipy.linalg.solve_triangular(r, b, trans=1 if trans else 0, lower=False)
+
+
+def krr_form(n_support: int, width: int) -> str:
+  """'primal' (factorise the [width, width] side) when n_support > width, else 'dual'
+  ([n, n]): the side whose regularised Gram is full rank. width = the feature width including
+  the bias column (F + 1): K_ss = ΦΦᵀ has rank ≤ F + 1, so n > F + 1 makes it singular."""
+  return "primal" if n_support > width else "dual"
+
+
+def _ridge_lambda(phi, reg_ratio):
+  """λ = reg_ratio · tr(K_ss) = reg_ratio · ‖Φ‖²_F (the same number for either form)."""
+  return reg_ratio * jnp.sum(phi * phi)
+
+
+def _ridge_fwd(phi, y, reg_ratio, form):
+  n, p = phi.shape
+  lam = _ridge_lambda(phi, reg_ratio)
+  if form == "primal":  # M = [Φ; √λ I_p]: MᵀM = ΦᵀΦ + λI = RᵀR, W = R⁻¹Q₁ᵀY.
+    q, r = jnp.linalg.qr(jnp.concatenate([phi, jnp.sqrt(lam) * jnp.eye(p, dtype=phi.dtype)]))
+    w = _tri(r, _mm(q[:n].T, y))
+    return w, (phi, y, w, r, jnp.zeros((0,), phi.dtype), jnp.zeros((0,), phi.dtype))
+  # M = [Φᵀ; √λ I_n]: MᵀM = ΦΦᵀ + λI = RᵀR, Q₁ = ΦᵀR⁻¹, W = Φᵀ(RᵀR)⁻¹Y = Q₁R⁻ᵀY.
+  q, r = jnp.linalg.qr(jnp.concatenate([phi.T, jnp.sqrt(lam) * jnp.eye(n, dtype=phi.dtype)]))
+  z = _tri(r, y, trans=True)
+  q1 = q[:p]
+  w = _mm(q1, z)
+  return w, (phi, y, w, r, q1, _tri(r, z))  # The last: α = K_λ⁻¹Y = R⁻¹R⁻ᵀY.
+
+
+def _ridge_bwd(reg_ratio, form, res, w_bar):
+  """With A = ΦᵀΦ + λI, Z = A⁻¹W̄, U = ΦZ (= K_λ⁻¹ΦW̄) and residual E = Y - ΦW (= λα):
+  Ȳ = U,  Φ̄ = E Zᵀ - U Wᵀ - 2·reg_ratio·⟨Z, W⟩ Φ  (the last term from λ's dependence on Φ).
+  Dual: U = R⁻¹Q₁ᵀW̄ and E Zᵀ = α (W̄ - ΦᵀU)ᵀ, since λZ = W̄ - ΦᵀU; ⟨Z, W⟩ = ⟨U, α⟩."""
+  phi, y, w, r, q1, alpha = res
+  if form == "primal":
+    z = _tri(r, _tri(r, w_bar, trans=True))
+    u = _mm(phi, z)
+    left, right, zw = y - _mm(phi, w), z, jnp.sum(z * w)
+  else:
+    u = _tri(r, _mm(q1.T, w_bar))
+    left, right, zw = alpha, w_bar - _mm(phi.T, u), jnp.sum(u * alpha)
+  phi_bar = _mm(left, right.T) - _mm(u, w.T) - 2.0 * reg_ratio * zw * phi
+  return phi_bar, u
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _ridge_weights(phi, y, reg_ratio, form):
+  return _ridge_fwd(phi, y, reg_ratio, form)[0]
+
+
+_ridge_weights.defvjp(_ridge_fwd, _ridge_bwd)
+
+
+def krr_weights(phi_s, y_s, reg_ratio: float = 1e-6, form: str = "auto"):
+  """W [p, D] = (ΦᵀΦ + λI)⁻¹ΦᵀY_s for bias-augmented support features Φ [n, p], λ =
+  reg_ratio · tr(ΦΦᵀ), by QR of the augmented matrix on the side `form` picks ('auto':
+  krr_form(n, p); 'primal' / 'dual' force one). Differentiable in Φ and Y_s."""
+  chex.assert_rank((phi_s, y_s), 2)
+  if form == "auto":
+    form = krr_form(*phi_s.shape)
+  if form not in ("primal", "dual"):
+    raise ValueError(f"krr form {form!r}; allowed: auto, primal, dual")
+  return _ridge_weights(phi_s.astype(jnp.float32), y_s.astype(jnp.float32), float(reg_ratio),
+                        form)
+
+
+def krr_predict(f_t, f_s, y_s, reg_ratio: float = 1e-6, form: str = "auto"):
+  """KRR-ST sec. 3: ŷ_t = K_ts (K_ss + λI)⁻¹ Y_s, computed as f_t W (krr_weights; the
+  comment above this section says why and which form 'auto' picks).
 
   f_t: [B, F] features of the real (target) batch; f_s: [n, F] features of X_s; y_s: [n, D].
-  Returns [B, D]. The n x n solve is cubic in the synthetic-set size n (benchmarks/
-  krr_outer_step.py); Cholesky because K_ss + λI is symmetric positive definite."""
+  Returns [B, D]."""
   chex.assert_rank((f_t, f_s, y_s), 2)
+  return _mm(_with_bias(f_t), krr_weights(_with_bias(f_s), y_s, reg_ratio, form))
+
+
+def krr_predict_cholesky(f_t, f_s, y_s, reg_ratio: float = 1e-6, form: str = "dual"):
+  """The normal-equations forms krr_predict replaced (kept as the reference the tests and
+  benchmarks/krr_step.py compare against): form the regularised Gram (K_ss + λI [n, n] for
+  'dual', F_sᵀF_s + λI [F+1, F+1] for 'primal') and Cholesky-solve it. Same function,
+  float32 error ~ cond · eps."""
   ft, fs = _with_bias(f_t), _with_bias(f_s)
-  k_ss = fs @ fs.T  # [n, n]
-  k_ts = ft @ fs.T  # [B, n]
-  lam = krr_reg(k_ss, reg_ratio)
-  alpha = jax.scipy.linalg.cho_solve(
-      jax.scipy.linalg.cho_factor(k_ss + lam * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)),
-      y_s.astype(jnp.float32))  # [n, D]
-  return k_ts @ alpha
+  lam = _ridge_lambda(fs, reg_ratio)
+  solve = lambda g, b: jax.scipy.linalg.cho_solve(
+      jax.scipy.linalg.cho_factor(g + lam * jnp.eye(g.shape[0], dtype=g.dtype)), b)
+  y = y_s.astype(jnp.float32)
+  if form == "primal":
+    return _mm(ft, solve(_mm(fs.T, fs), _mm(fs.T, y)))
+  return _mm(_mm(ft, fs.T), solve(_mm(fs, fs.T), y))
 
 
-def krr_predict_primal(f_t, f_s, y_s, reg_ratio: float = 1e-6):
-  """Primal form of the same regression: W = (F_sᵀF_s + λI)⁻¹ F_sᵀ Y_s, ŷ_t = F_t W, with the
-  same λ = reg_ratio · tr(F_s F_sᵀ) (= tr(F_sᵀ F_s)). Equal to krr_predict by the push-through
-  identity (FᵀF + λI)⁻¹Fᵀ = Fᵀ(FFᵀ + λI)⁻¹; cubic in the feature width F instead of n."""
-  ft, fs = _with_bias(f_t), _with_bias(f_s)
-  gram = fs.T @ fs  # [F+1, F+1]
-  lam = reg_ratio * jnp.trace(gram)
-  w = jnp.linalg.solve(gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype),
-                       fs.T @ y_s.astype(jnp.float32))
-  return ft @ w
-
-
-def krr_loss(f_t, f_s, y_s, y_t, reg_ratio: float = 1e-6):
+def krr_loss(f_t, f_s, y_s, y_t, reg_ratio: float = 1e-6, form: str = "auto"):
   """KRR-ST outer objective (sec. 3): MSE(K_ts (K_ss + λI)⁻¹ Y_s, g(x_t)), y_t = g(x_t) [B, D].
-  Mean over examples and target dimensions."""
-  pred = krr_predict(f_t, f_s, y_s, reg_ratio)
+  Mean over examples and target dimensions. krr_predict picks the form by shape."""
+  pred = krr_predict(f_t, f_s, y_s, reg_ratio, form)
   loss = jnp.mean((pred - y_t.astype(jnp.float32)) ** 2)
   return loss, {"krr_mse": loss}

@@ -14,7 +14,8 @@ model pretrained on (X_s, Y_s) by MSE transfers like one pretrained by SSL on th
 
 One outer iteration (loss_fn, run by the loop's default step):
   1. pick pool model i uniformly (step rng);
-  2. KRR on its features f (learner's pre-head features + a bias column):
+  2. KRR on its features f (learner's pre-head features + a bias column; losses.krr_loss
+     factorises the smaller side by QR, losses.krr_form):
        loss = MSE(K_ts (K_ss + λI)⁻¹ Y_s, g(x_real)),  λ = reg_ratio · tr(K_ss)
      (losses.krr_loss), differentiated w.r.t. X_s and Y_s only; x_real is the loop's
      batch-sharded real batch (labels ignored), f(x_real) and g(x_real) carry no gradient;
@@ -148,15 +149,15 @@ class Distill(Method):
     return jnp.mean((pred.astype(jnp.float32) - targets) ** 2)
 
   def inner_update(self, model_params, opt_state, images, targets):
-    """distill.inner_steps steps of the pool optimiser on MSE(h(f(X_s)), Y_s)."""
-    def step(carry, _):
-      p, o = carry
-      loss, g = jax.value_and_grad(self.inner_loss)(p, images, targets)
-      updates, o = self.inner_tx.update(g, o, p)
-      return (optax.apply_updates(p, updates), o), loss
-    (model_params, opt_state), inner = jax.lax.scan(step, (model_params, opt_state), None,
-                                                    length=self.dcfg.inner_steps)
-    return model_params, opt_state, inner[-1]
+    """distill.inner_steps steps of the pool optimiser on MSE(h(f(X_s)), Y_s); returns the
+    last step's loss. Unrolled at trace time rather than a lax.scan: XLA:CPU runs these
+    convolution gradients inside a while loop ~40x slower (n = 1000: 58 s vs 1.6 s; benchmarks/
+    RESULTS.md, "KRR-ST outer step: where the time goes"), and inner_steps is small (1)."""
+    for _ in range(self.dcfg.inner_steps):
+      loss, g = jax.value_and_grad(self.inner_loss)(model_params, images, targets)
+      updates, opt_state = self.inner_tx.update(g, opt_state, model_params)
+      model_params = optax.apply_updates(model_params, updates)
+    return model_params, opt_state, loss
 
   def loss_fn(self, params, extra, batch, rng):
     k_pick, k_reset = jax.random.split(rng)
