@@ -122,12 +122,7 @@ def add_vit(km: core.KeyMap, sd: dict, src: str, dst: str, layout: core.BlockLay
 def gelu_kwargs(activation: str) -> dict:
   """--activation for flax checkpoints: 'gelu_tanh' (flax nn.gelu's default, what big_vision
   and vision_transformer trained with) or 'gelu' (exact erf, what timm runs them with)."""
-  allowed = {"gelu_tanh": dict(gelu_approximate=True, quick_gelu=False),
-             "gelu": dict(gelu_approximate=False, quick_gelu=False)}
-  if activation not in allowed:
-    raise ValueError(f"activation={activation!r}; allowed for flax checkpoints: "
-                     f"{sorted(allowed)}")
-  return allowed[activation]
+  return core.activation_kwargs(activation, ("gelu_tanh", "gelu"))
 
 
 def convert(path: str, activation: str = "gelu_tanh", tokenizer=None,

@@ -84,6 +84,25 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+# ------------------------------------------------------------ Facts the weights do not hold.
+
+# OpenAI CLIP's image normalisation (open_clip, HF CLIPImageProcessor); SigLIP, AugReg and
+# timm's ViTs use 0.5 / 0.5 ([-1, 1]).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# MLP activation name -> the model fields that implement it.
+ACTIVATIONS = {"gelu": dict(gelu_approximate=False, quick_gelu=False),  # exact erf GELU
+               "gelu_tanh": dict(gelu_approximate=True, quick_gelu=False),  # flax nn.gelu
+               "quick_gelu": dict(gelu_approximate=False, quick_gelu=True)}  # x sigmoid(1.702x)
+
+
+def activation_kwargs(name: str, allowed: Sequence[str]) -> dict:
+  """--activation `name` (one of `allowed`, a subset of ACTIVATIONS) -> model fields."""
+  if name not in allowed:
+    raise ValueError(f"activation={name!r}; allowed: {sorted(allowed)}")
+  return dict(ACTIVATIONS[name])
+
+
 # ----------------------------------------------------------------------------- Transforms.
 
 def torch_linear(w):

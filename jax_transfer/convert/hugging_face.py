@@ -43,13 +43,9 @@ HF_BLOCK = core.BlockLayout(
 MAP_ATTN = core.BlockLayout(sep=".", ln_1=(), ln_2=(), attn="torch_fused",
                             qkv=("in_proj_weight", "in_proj_bias"), out="out_proj", fc1="",
                             fc2="")
-ACTIVATIONS = {"quick_gelu": dict(quick_gelu=True, gelu_approximate=False),
-               "gelu": dict(quick_gelu=False, gelu_approximate=False),
-               "gelu_pytorch_tanh": dict(quick_gelu=False, gelu_approximate=True),
-               "gelu_new": dict(quick_gelu=False, gelu_approximate=True)}
-# OpenAI's normalisation (CLIPImageProcessor); SigLIP uses 0.5 / 0.5 ([-1, 1]).
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258,
-                                                                0.27577711)
+# config.json hidden_act -> core.ACTIVATIONS names.
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_new": "gelu_tanh"}
 MODEL_TYPES = ("clip", "siglip")
 
 
@@ -93,10 +89,10 @@ def _activation(cfg: dict, path: str) -> dict:
     raise core.CheckpointError(f"{path}: the towers differ in hidden_act {acts} or "
                                f"layer_norm_eps {eps}; TwoTowers shares them")
   act = acts.pop()
-  if act not in ACTIVATIONS:
+  if act not in HF_ACTIVATIONS:
     raise core.CheckpointError(f"{path}: hidden_act {act!r} not supported; allowed: "
-                               f"{sorted(ACTIVATIONS)}")
-  return dict(ACTIVATIONS[act], ln_eps=float(eps.pop()))
+                               f"{sorted(HF_ACTIVATIONS)}")
+  return dict(core.ACTIVATIONS[HF_ACTIVATIONS[act]], ln_eps=float(eps.pop()))
 
 
 def convert(path: str, tokenizer=None) -> core.Converted:
@@ -174,7 +170,7 @@ def convert(path: str, tokenizer=None) -> core.Converted:
       embed_dim=embed, dtype="float32", remat=False, pre_norm=not siglip,
       patch_bias=siglip, **text, **_activation(cfg, path))
   params = core.build_params(flat, "two_towers", kwargs, size, v.get("num_channels", 3), ctx)
-  mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (OPENAI_MEAN, OPENAI_STD)
+  mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (core.OPENAI_MEAN, core.OPENAI_STD)
   return core.Converted("two_towers", kwargs, params, size, mean, std, "contrastive",
                         loss="siglip" if siglip else "clip", tokenizer=tokenizer,
                         eval_resize="squash" if siglip else "crop")

@@ -47,13 +47,10 @@ OPEN_CLIP_BLOCK = core.BlockLayout(
     sep=".", ln_1=("ln_1.weight", "ln_1.bias"), ln_2=("ln_2.weight", "ln_2.bias"),
     attn="torch_fused", qkv=("attn.in_proj_weight", "attn.in_proj_bias"), out="attn.out_proj",
     fc1="mlp.c_fc", fc2="mlp.c_proj")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _refuse_unsupported(sd, activation):
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"activation={activation!r}; allowed: {ACTIVATIONS}")
+  core.activation_kwargs(activation, ACTIVATIONS)  # ValueError naming the allowed ones
   openai = [k for k in OPENAI_KEYS if k in sd]
   if openai and activation != "quick_gelu":
     raise core.CheckpointError(
@@ -141,9 +138,9 @@ def convert(path_or_sd, activation: str, vision_heads=None, text_heads=None,
       image_heads=heads, image_patch_size=p, image_pool="cls", text_width=dt,
       text_depth=tdepth, text_heads=theads, text_mlp_dim=tmlp, vocab_size=vocab,
       context_length=ctx, embed_dim=embed, dtype="float32", remat=False, pre_norm=pre_norm,
-      patch_bias=False, ln_eps=1e-5, gelu_approximate=False,
-      quick_gelu=activation == "quick_gelu")
+      patch_bias=False, ln_eps=1e-5, **core.activation_kwargs(activation, ACTIVATIONS))
   params = core.build_params(flat, "two_towers", kwargs, grid * p, c, ctx)
-  return core.Converted("two_towers", kwargs, params, grid * p, OPENAI_MEAN, OPENAI_STD,
+  return core.Converted("two_towers", kwargs, params, grid * p, core.OPENAI_MEAN,
+                        core.OPENAI_STD,
                         "contrastive", loss="siglip" if "logit_bias" in sd else "clip",
                         tokenizer=tokenizer)

@@ -111,14 +111,10 @@ def convert(path_or_sd, heads: Optional[int] = None, pool: Optional[str] = None,
   if classes:
     km.linear("head", d, classes, "head", True)
   flat = km.convert(sd, what=f"timm ViT {d}x{depth}, {heads} heads, patch {p}")
-  acts = {"gelu": dict(gelu_approximate=False, quick_gelu=False),
-          "gelu_tanh": dict(gelu_approximate=True, quick_gelu=False),
-          "quick_gelu": dict(gelu_approximate=False, quick_gelu=True)}
-  if activation not in acts:
-    raise ValueError(f"activation={activation!r}; allowed: {sorted(acts)}")
+  acts = core.activation_kwargs(activation, tuple(core.ACTIVATIONS))
   kwargs = dict(width=d, depth=depth, mlp_dim=mlp, num_heads=heads, patch_size=p, pool=pool,
                 class_token=cls, fc_norm=fc_norm, num_classes=classes, pre_norm=pre_norm,
-                dtype="float32", ln_eps=1e-6, patch_bias=True, **acts[activation])
+                dtype="float32", ln_eps=1e-6, patch_bias=True, **acts)
   size = grid * p
   params = core.build_params(flat, "vit", kwargs, size, c)
   return core.Converted("vit", kwargs, params, size, (0.5,) * 3, (0.5,) * 3, "supervised",
