@@ -29,7 +29,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jax_transfer.models.vit import ACT, P, encoder_blocks, ln
+from jax_transfer.models.vit import ACT, P, Hook, encoder_blocks, ln
 
 Dtype = Any
 TEXT_POOLS = ('argmax', 'eot', 'last', 'first')
@@ -76,6 +76,8 @@ class TextTransformer(nn.Module):
     x = nn.Embed(self.vocab_size, d, name='token_embedding',
                  embedding_init=P(nn.initializers.normal(0.02), ('vocab', 'embed')),
                  **kw)(tokens)  # [B, L, D]
+    # CoOp's hook (peft.py): learned context vectors after the start token, ids shifted.
+    x, tokens = Hook(name='context_in')(x, tokens)
     pos = self.param('positional_embedding',
                      P(nn.initializers.normal(0.01), ('posemb_len', 'embed')),
                      (self.context_length, d), self.param_dtype)

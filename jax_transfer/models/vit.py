@@ -131,6 +131,19 @@ class Projection(nn.Module):
             + bias.astype(self.dtype))
 
 
+class Hook(nn.Module):
+  """Identity, without parameters: a named point where jax_transfer.peft's token methods add
+  learned tokens through flax method interception ('prefix' in Attention: keys / values;
+  'prompt_in' / 'prompt_out' in ViT and 'prompt' in its Blocks: VPT; 'context_in' in
+  TextTransformer: CoOp). Keyword arguments are static facts for the method (e.g. fan_in
+  for VPT's init). Without PEFT the model computes exactly what it would without the hook."""
+
+  @nn.compact
+  def __call__(self, *xs, **info):
+    del info
+    return xs[0] if len(xs) == 1 else xs
+
+
 class Attention(nn.Module):
   """Multi-head self-attention through jax.nn.dot_product_attention (cuDNN-eligible on GPU).
 
@@ -161,19 +174,29 @@ class Attention(nn.Module):
       q, kvp = qkv_proj(x, take=slice(0, 1)), qkv_proj(kv, take=slice(1, 3))
       parts = [q[:, :, 0], kvp[:, :, 0], kvp[:, :, 1]]
     q, k, v = (nn.with_logical_constraint(t, ('batch', 'length', 'heads', 'kv')) for t in parts)
+    k, v = Hook(name='prefix')(k, v)  # identity; peft 'prefix' prepends learned keys / values
     # Softmax runs in f32 inside dot_product_attention even for bf16 inputs.
     impl = attention_implementation(self.attention_impl, q.dtype, hd)
-    if impl == 'splash' and kv is not None:
+    if impl == 'splash' and (kv is not None or k.shape[1] != q.shape[1]):
       impl = 'xla'  # The splash wrapper is self-attention only (equal q / kv lengths).
     if impl == 'xla' and jax.default_backend() == 'cpu':
       y = cpu_attention(q, k, v, self.causal)  # [B, N, H, K]
     elif impl == 'splash':
       y = splash_attention(q, k, v, self.causal)  # [B, N, H, K]
+    elif self.causal and k.shape[1] != q.shape[1]:  # a key prefix: explicit shifted mask
+      y = jax.nn.dot_product_attention(q, k, v, mask=causal_mask(q.shape[1], k.shape[1]),
+                                       implementation=impl)
     else:
       y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
                                        implementation=impl)  # [B, N, H, K]
     return Projection('bnhk,hkd->bnd', (h, hd, d), ('heads', 'kv', 'embed'), ('embed',),
                       _out_init, name='out', **kw)(y)
+
+
+def causal_mask(n_q: int, n_k: int):
+  """[n_q, n_k] bool: query i sees keys j <= i + (n_k - n_q). Keys beyond the queries' length
+  are a prefix (prefix tuning's learned keys, jax_transfer.peft) that every query sees."""
+  return jnp.tril(jnp.ones((n_q, n_k), bool), n_k - n_q)
 
 
 def cpu_attention(q, k, v, causal: bool):
@@ -186,8 +209,7 @@ def cpu_attention(q, k, v, causal: bool):
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum('bqhk,bshk->bhqs', q, k, preferred_element_type=jnp.float32)
   if causal:
-    n = logits.shape[-1]
-    logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(causal_mask(q.shape[1], k.shape[1]), logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bhqs,bshk->bqhk', probs, v)
 
@@ -300,11 +322,14 @@ class Block(nn.Module):
   quick_gelu: bool = False
   causal: bool = False
   attention_impl: str = 'auto'
+  prompt_fan_in: int = 0  # > 0: a 'prompt' Hook at the block input (ViT: deep VPT, peft.py)
 
   @nn.compact
   def __call__(self, x, train: bool = False):  # `train` positional: static under nn.remat
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = nn.Dropout(self.dropout, deterministic=not train)
+    if self.prompt_fan_in:
+      x = Hook(name='prompt')(x, fan_in=self.prompt_fan_in)
     x = nn.with_logical_constraint(x, ACT)
     attn = Attention(self.num_heads, causal=self.causal, attention_impl=self.attention_impl,
                      name='attn', **kw)
@@ -536,11 +561,16 @@ class ViT(nn.Module):
       x = ln('ln_pre', epsilon=self.ln_eps, **kw)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
+    # VPT's hooks (peft.py): prompt tokens appended after the position embedding, stripped
+    # before the final norm and pooling. fan_in: the patch embedding's, for VPT's init.
+    fan_in = p * p * images.shape[-1]
+    x = Hook(name='prompt_in')(x, fan_in=fan_in)
     x = encoder_blocks(x, train, depth=self.depth, scan=self.scan_layers, remat=self.remat,
                        remat_policy=self.remat_policy, mlp_dim=self.mlp_dim,
                        num_heads=self.num_heads, dropout=self.dropout, ln_eps=self.ln_eps,
                        gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu,
-                       attention_impl=self.attention_impl, **kw)
+                       attention_impl=self.attention_impl, prompt_fan_in=fan_in, **kw)
+    x = Hook(name='prompt_out')(x)
     if not self.fc_norm:
       x = ln('encoder_norm', epsilon=self.ln_eps, **kw)(x)
     aux = {'tokens': x}
