@@ -276,3 +276,33 @@ def merge_pretrained(params, pretrained, load_regex: str = ".*", skip_regex: str
 
 def flatten_keys(params) -> dict[str, Any]:
   return dict(flax.traverse_util.flatten_dict(params, sep="/"))
+
+
+class OutputExistsError(FileExistsError):
+  """An export's output directory is not empty and replacing it was not asked for."""
+
+
+def write_dir_atomically(out: str, write, overwrite: bool = False) -> None:
+  """Runs write(tmp) on a temporary sibling of `out`, then renames it into place, so a failed
+  or interrupted write leaves `out` as it was. A non-empty `out` is refused (OutputExistsError
+  naming it) unless overwrite, and then replaced only once the new one is complete."""
+  import tempfile
+  out = os.path.abspath(out)
+  if os.path.exists(out) and os.listdir(out) and not overwrite:
+    raise OutputExistsError(f"--out={out} exists and is not empty; pass --overwrite or "
+                            f"choose another directory")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+  try:
+    write(tmp)
+    old = None
+    if os.path.exists(out):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
+      os.replace(out, os.path.join(old, "x"))
+    os.replace(tmp, out)
+    if old:
+      shutil.rmtree(old)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

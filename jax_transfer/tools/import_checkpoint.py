@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 import ml_collections
 import numpy as np
@@ -176,27 +174,15 @@ def export_config(c: core.Converted, fmt: str, source: str) -> ml_collections.Co
 def write_export(c: core.Converted, fmt: str, source: str, out: str, overwrite: bool = False):
   """Writes the export to a temporary sibling of `out`, then renames it into place."""
   from jax_transfer import checkpoint
-  out = os.path.abspath(out)
-  if os.path.exists(out) and os.listdir(out) and not overwrite:
-    raise core.CheckpointError(f"--out={out} exists and is not empty; pass --overwrite or "
-                               f"choose another directory")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-  try:
+
+  def write(tmp):
     checkpoint.export(c.params, export_config(c, fmt, source), tmp)
     if c.tokenizer is not None:
       c.tokenizer.save(os.path.join(tmp, TOKENIZER_FILE))
-    old = None
-    if os.path.exists(out):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
-      os.replace(out, os.path.join(old, "x"))
-    os.replace(tmp, out)
-    if old:
-      shutil.rmtree(old)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  try:
+    checkpoint.write_dir_atomically(out, write, overwrite)
+  except checkpoint.OutputExistsError as e:
+    raise core.CheckpointError(str(e)) from None
 
 
 def build_parser(prog="python -m jax_transfer.tools.import_checkpoint"):
