@@ -67,8 +67,11 @@ class TrainStep:
     return self.state
 
 
-def build_train_step(config, devices=None, workdir: str | None = None) -> TrainStep:
-  """The jitted train step of `config` on `devices` (default: all), built as train.py does."""
+def build_train_step(config, devices=None, workdir: str | None = None,
+                     abstract: bool = False) -> TrainStep:
+  """The jitted train step of `config` on `devices` (default: all), built as train.py does.
+  abstract: the state is train.abstract_state's (ShapeDtypeStructs with their shardings), for
+  lowering and compiling a step whose state is too big to allocate here."""
   import jax
   from jax_transfer import config as config_lib, methods, optim, parallel, peft, train
 
@@ -79,9 +82,12 @@ def build_train_step(config, devices=None, workdir: str | None = None) -> TrainS
   method = methods.get_method(config.method)(config, mesh, workdir)
   tx, schedule = optim.make_optimizer(peft.optimizer_config(config), config.schedule,
                                       config.total_steps)
-  state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
-  # As train.py on a fresh start: host-loaded method state (a distillation teacher).
-  state = state.replace(extra=jax.device_put(method.load_extra(state.extra), state_sh.extra))
+  if abstract:
+    state, state_sh = train.abstract_state(method, tx, mesh, rules, jax.random.key(config.seed))
+  else:
+    state, state_sh = train.create_state(method, tx, mesh, rules, jax.random.key(config.seed))
+    # As train.py on a fresh start: host-loaded method state (a distillation teacher).
+    state = state.replace(extra=jax.device_put(method.load_extra(state.extra), state_sh.extra))
   step = train.jit_train_step(method, tx, schedule, config, state_sh, mesh)
   return TrainStep(step, state, state_sh, method, mesh, rules, config)
 

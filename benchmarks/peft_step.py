@@ -12,7 +12,9 @@ GFLOP is `compiled.cost_analysis()['flops']` of the whole step (forward, backwar
 ms/step the median of --steps steps after --warmup, each blocked on its outputs, the modes
 interleaved over --rounds rounds, each keeping its fastest. A frozen parameter has no
 gradient formed (train.make_default_train_step), so a probe runs the backbone forward only.
-Writes/replaces the section "## Transfer modes: full, probe, LoRA, adapters, BitFit (CPU)".
+"LoRA r=8, frozen bf16" stores the frozen weights in bf16 (peft.frozen_dtype; compute f32).
+Writes/replaces the section "## Transfer modes: full, probe, LoRA, adapters, prefix, VPT,
+BitFit (CPU)".
 """
 from __future__ import annotations
 
@@ -21,13 +23,17 @@ import argparse
 import harness  # benchmarks/harness.py
 import report  # benchmarks/report.py
 
-SECTION = "## Transfer modes: full, probe, LoRA, adapters, BitFit (CPU)"
+SECTION = "## Transfer modes: full, probe, LoRA, adapters, prefix, VPT, BitFit (CPU)"
 MODES = {  # name -> (optimizer.trainable_regex, config.peft overrides)
     "full fine-tuning": (".*", {}),
     "linear probe": ("^head/", {}),
     "LoRA r=8 (attention)": (".*", dict(method="lora", rank=8, alpha=16.0)),
+    "LoRA r=8, frozen bf16": (".*", dict(method="lora", rank=8, alpha=16.0,
+                                         frozen_dtype="bfloat16")),
     "adapters r=8 (Houlsby)": (".*", dict(method="adapter", rank=8)),
     "parallel adapter r=8": (".*", dict(method="parallel_adapter", rank=8)),
+    "prefix tuning, length 8": (".*", dict(method="prefix", length=8)),
+    "VPT-deep, 8 prompts": (".*", dict(method="vpt", length=8)),
     "BitFit": (".*", dict(method="bitfit")),
 }
 

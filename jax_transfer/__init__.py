@@ -1,7 +1,7 @@
 """jax_transfer: config-driven JAX pretraining and transfer."""
 
 
-def load_pretrained(export_dir: str):
+def load_pretrained(export_dir: str, adapter_dir: str | None = None):
   """Export dir (a run's `python -m jax_transfer.export`, or an imported checkpoint's
   `python -m jax_transfer.tools.import_checkpoint`) -> Pretrained(model, params, tokenizer,
   preprocess, config), a NamedTuple:
@@ -10,7 +10,9 @@ def load_pretrained(export_dir: str):
     zimg = model.apply({"params": params}, preprocess(images), None)[0][0]
 
   tokenizer: the export's (None if it has none); preprocess: the image preprocessing of the
-  model's eval recipe (data.preprocess.ImagePreprocess). See checkpoint.load_pretrained_all.
+  model's eval recipe (data.preprocess.ImagePreprocess). adapter_dir: an `--adapter_only`
+  export of a PEFT run trained on `export_dir`, applied onto it (another base is refused).
+  See checkpoint.load_pretrained_all.
   """
   from jax_transfer import checkpoint
-  return checkpoint.load_pretrained_all(export_dir)
+  return checkpoint.load_pretrained_all(export_dir, adapter_dir)

@@ -7,6 +7,7 @@ read with pickle.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import load_file as st_load, save_file as st_save
+
+from jax_transfer import config as config_lib
 
 EXPORT_FILES = ("params.safetensors", "config.json")
 # Files a method writes into the workdir that belong with the parameters (the contrastive
@@ -159,20 +162,44 @@ def export(params, config: ml_collections.ConfigDict, out_dir: str,
            assets_from: str | None = None) -> None:
   """Writes params as safetensors and msgpack plus the config as JSON. Files are written
   under temporary names and renamed, so an interrupted export never leaves a half file
-  under a final name."""
-  os.makedirs(out_dir, exist_ok=True)
+  under a final name. A LoRA / BitFit run's export is a plain model (LoRA merged into the
+  kernels, config.peft.method 'none'); another PEFT method's keeps its parameters and
+  config.peft (peft.for_export), and load_pretrained wraps the model again."""
+  from jax_transfer import peft  # pylint: disable=g-import-not-at-top
+  params, written = peft.for_export(params, config)
+  flat = _export_flat(params, config)
+  _write_export(out_dir, flat, written, assets_from)
+
+
+def _export_flat(params, config) -> dict[str, np.ndarray]:
+  """A run's params as an export holds them: per-block paths, f32 frozen leaves."""
   from jax_transfer.models.vit import unstack_blocks  # Exports are per-block, scan or not.
   flat = flatten(unstack_blocks(jax.device_get(params)))
+  if config_lib.frozen_dtype(config):  # Frozen leaves stored in bf16 (train.store_frozen)
+    flat = {k: v.astype(np.float32) if v.dtype == config_lib.frozen_dtype(config) else v
+            for k, v in flat.items()}  # export as f32, the models' param_dtype.
+  return flat
+
+
+def _write_export(out_dir: str, flat, config, assets_from=None, extra=None) -> None:
+  """The export files of `flat` (+ `extra`: name -> JSON-able, e.g. an adapter's base.json),
+  each written under a temporary name and renamed."""
+  os.makedirs(out_dir, exist_ok=True)
   writes = {
       "params.safetensors": lambda p: st_save(flat, p),
       "params.msgpack": lambda p: open(p, "wb").write(
           flax.serialization.msgpack_serialize(unflatten(flat))),
       "config.json": lambda p: open(p, "w").write(config.to_json_best_effort(indent=2)),
   }
+  for name, value in (extra or {}).items():
+    writes[name] = lambda p, value=value: open(p, "w").write(json.dumps(value, indent=2))
   for name in ASSET_FILES:
     src = os.path.join(assets_from or "", name)
     if assets_from and os.path.exists(src):
       writes[name] = lambda p, src=src: shutil.copyfile(src, p)
+  stale = os.path.join(out_dir, ADAPTER_BASE)
+  if ADAPTER_BASE not in writes and os.path.exists(stale):  # a full export over an adapter's
+    os.remove(stale)
   for name, write in writes.items():
     tmp = os.path.join(out_dir, f".{name}.tmp")
     write(tmp)
@@ -188,20 +215,178 @@ def load_export_config(export_dir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_export_params(export_dir: str):
+def _load_flat(export_dir: str) -> dict[str, np.ndarray]:
   load_export_config(export_dir)  # Checks the directory is complete.
-  return unflatten(st_load(os.path.join(export_dir, "params.safetensors")))
+  return st_load(os.path.join(export_dir, "params.safetensors"))
 
 
-def load_pretrained(export_dir: str):
-  """Export dir -> (model, params, config). The model is rebuilt by name from the config."""
-  from jax_transfer import models  # Late import: models import nothing from here.
-  config = load_export_config(export_dir)
-  model = models.get_model(config.model_name, **config.model.to_dict())
-  params = load_export_params(export_dir)
+def load_export_params(export_dir: str):
+  """A (full) export's parameters, per-block; an adapter export is refused, naming the way
+  to apply it."""
+  if os.path.exists(os.path.join(export_dir, ADAPTER_BASE)):
+    raise ValueError(f"{export_dir!r} is an adapter export (it has {ADAPTER_BASE}), not a "
+                     f"whole model: apply it onto its base with init.export_dir=BASE "
+                     f"init.adapter_dir={export_dir!r}, or load_pretrained(BASE, "
+                     f"adapter_dir={export_dir!r})")
+  return unflatten(_load_flat(export_dir))
+
+
+def load_pretrained(export_dir: str, adapter_dir: str | None = None):
+  """Export dir -> (model, params, config). The model is rebuilt by name from the config and
+  wrapped by its config.peft (peft.wrap: the export of a method that does not merge keeps
+  its PEFT parameters). adapter_dir: an `--adapter_only` export trained on `export_dir`,
+  applied onto it (load_adapted; config is then the adapter's, i.e. the fine-tuned run's)."""
+  from jax_transfer import models, peft  # Late import: models import nothing from here.
+  if adapter_dir:
+    params, config = load_adapted(export_dir, adapter_dir)
+  else:
+    config, params = load_export_config(export_dir), load_export_params(export_dir)
+  model = peft.wrap(models.get_model(config.model_name, **config.model.to_dict()), config)
   if getattr(model, "scan_layers", False):  # Exports are per-block; a scan model stacks them.
     params = models.vit.stack_blocks(params)
   return model, params, config
+
+
+# ------------------------------------------------------------------------- Adapter exports.
+# An adapter export (`python -m jax_transfer.export --adapter_only`) holds only the params a
+# PEFT run trained (peft.trainable_regex: the PEFT ones and peft.train_regex's, e.g. the head),
+# the run's config.json and ADAPTER_BASE, a fingerprint of the base export (the run's
+# init.export_dir): its model_name and config.model, every parameter's shape, and a sha256
+# over the parameters' names, dtypes, shapes and bytes in name order (the loaded arrays, not
+# the file, so a copy or a re-export of the same weights matches, and other weights of the
+# same architecture do not). Applying it onto another base is an AdapterError saying what
+# differs, raised before anything is built.
+
+ADAPTER_BASE = "base.json"
+
+
+class AdapterError(ValueError):
+  """An adapter export that cannot be applied (another base, not an adapter, ...)."""
+
+
+def params_sha256(flat: dict[str, np.ndarray]) -> str:
+  h = hashlib.sha256()
+  for k in sorted(flat):
+    v = np.ascontiguousarray(flat[k])
+    h.update(f"{k}\0{v.dtype.str}\0{v.shape}\0".encode())
+    h.update(v.reshape(-1).view(np.uint8).data)
+  return h.hexdigest()
+
+
+def _fingerprint(export_dir: str, flat) -> dict:
+  config = load_export_config(export_dir)
+  return dict(base_dir=os.path.abspath(export_dir), model_name=config.model_name,
+              model=json.loads(config.model.to_json_best_effort()),
+              params_sha256=params_sha256(flat),
+              shapes={k: list(flat[k].shape) for k in sorted(flat)})
+
+
+def _through_frozen(flat, config):
+  """Floating leaves rounded through config.peft.frozen_dtype, as training stores the frozen
+  ones (train.store_frozen); unchanged without one."""
+  dtype = config_lib.frozen_dtype(config)
+  if not dtype:
+    return flat
+  dtype = jax.numpy.dtype(dtype)
+  return {k: v.astype(dtype).astype(v.dtype) if v.dtype.kind == "f" else v
+          for k, v in flat.items()}
+
+
+def export_adapter(params, config: ml_collections.ConfigDict, out_dir: str,
+                   assets_from: str | None = None) -> list[str]:
+  """Writes the adapter export of a PEFT run's `params` (module comment above); returns the
+  parameter names written. Every parameter left out must equal the base's (frozen and loaded
+  from it), else applying the adapter would not give this model back: that is a ValueError
+  naming it, as are a run without config.peft or without init.export_dir."""
+  from jax_transfer import peft  # pylint: disable=g-import-not-at-top
+  p = peft.from_config(config)
+  base_dir = config.get("init", {}).get("export_dir")
+  if p is None:
+    raise ValueError("--adapter_only: the run has no config.peft method, so no adapter; "
+                     "export the whole model")
+  if not base_dir:
+    raise ValueError("--adapter_only: the run has no init.export_dir, the base an adapter is "
+                     "applied onto; export the whole model")
+  flat, base = _export_flat(params, config), _load_flat(base_dir)
+  regex = peft.trainable_regex(p)
+  adapter = {k: v for k, v in flat.items() if re.search(regex, k)}
+  stored = _through_frozen(base, config)
+  for k, v in flat.items():
+    if k not in adapter and not (k in base and base[k].shape == v.shape and np.array_equal(
+        stored[k].astype(v.dtype), v)):
+      raise ValueError(f"--adapter_only: parameter {k!r} is not trained ({regex!r}) but "
+                       f"{'differs from' if k in base else 'is not in'} the base export "
+                       f"{base_dir!r} (init.load_regex / skip_regex left it out?); the adapter "
+                       f"would lose it: export the whole model")
+  record = dict(_fingerprint(base_dir, base), unused=sorted(set(base) - set(flat)))
+  _write_export(out_dir, adapter, config, assets_from, extra={ADAPTER_BASE: record})
+  return sorted(adapter)
+
+
+def check_adapter_base(adapter_dir: str, base_dir: str, base=None) -> None:
+  """Raises AdapterError naming both dirs and what differs when `adapter_dir` was not trained
+  on the base export `base_dir` (`base`: its flat params, when already loaded)."""
+  path = os.path.join(adapter_dir, ADAPTER_BASE)
+  if not os.path.exists(path):
+    load_export_config(adapter_dir)  # FileNotFoundError naming the files when incomplete
+    raise AdapterError(f"{adapter_dir!r} is no adapter export (it lacks {ADAPTER_BASE}, which "
+                       f"`python -m jax_transfer.export --adapter_only` writes)")
+  with open(path) as f:
+    want = json.load(f)
+  got = _fingerprint(base_dir, _load_flat(base_dir) if base is None else base)
+  if got["params_sha256"] == want["params_sha256"]:
+    return
+  fields = sorted(set(want["model"]) | set(got["model"]))
+  if got["model_name"] != want["model_name"]:
+    what = f"model_name {want['model_name']!r} vs {got['model_name']!r}"
+  elif any(want["model"].get(k) != got["model"].get(k) for k in fields):
+    what = ", ".join(f"model.{k} {want['model'].get(k)!r} vs {got['model'].get(k)!r}"
+                     for k in fields if want["model"].get(k) != got["model"].get(k))
+  elif want["shapes"] != got["shapes"]:
+    k = next(k for k in sorted(set(want["shapes"]) | set(got["shapes"]))
+             if want["shapes"].get(k) != got["shapes"].get(k))
+    what = f"parameter {k!r} of shape {want['shapes'].get(k)} vs {got['shapes'].get(k)}"
+  else:
+    what = "the same parameter names and shapes but other values"
+  what += f" (params sha256 {want['params_sha256'][:12]} vs {got['params_sha256'][:12]})"
+  raise AdapterError(f"adapter export {adapter_dir!r} was trained on the base export "
+                     f"{want['base_dir']!r}, not on {base_dir!r}: {what}")
+
+
+def load_adapted(base_dir: str, adapter_dir: str, like=None):
+  """(params, config) of the model an adapter export was trained as: the base export's
+  parameters (per-block) with the adapter's on top, checked first (check_adapter_base), and
+  the adapter's config. Frozen leaves go through the run's peft.frozen_dtype as in training.
+  like: the params of the model they go into (any layout): a LoRA adapter is merged into the
+  kernels when `like` has no LoRA parameters, and a PEFT parameter `like` lacks is an
+  AdapterError."""
+  from jax_transfer import peft  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(base_dir, ADAPTER_BASE)):
+    load_export_params(base_dir)  # the AdapterError for an adapter given as the base
+  base = _load_flat(base_dir)
+  check_adapter_base(adapter_dir, base_dir, base)
+  config = load_export_config(adapter_dir)
+  with open(os.path.join(adapter_dir, ADAPTER_BASE)) as f:
+    unused = set(json.load(f)["unused"])
+  adapter = _load_flat(adapter_dir)
+  frozen = _through_frozen({k: v for k, v in base.items()
+                            if k not in unused and k not in adapter}, config)
+  params = unflatten({**frozen, **adapter})
+  p = peft.from_config(config)
+  if like is None or p is None:
+    return params, config
+  from jax_transfer.models.vit import unstack_blocks  # pylint: disable=g-import-not-at-top
+  has = flatten_keys(unstack_blocks(like))
+  if p.method == "lora" and not any(k.endswith("/lora_a") for k in has):
+    params = peft.merge_lora(params, p)
+  lacking = [k for k in flatten_keys(params) if k not in has and re.search(
+      rf"(^|/){peft.ADDED}$", k)]
+  if lacking:
+    raise AdapterError(f"adapter export {adapter_dir!r} has {p.method} parameter "
+                       f"{lacking[0]!r} that this run's model lacks; set config.peft as the "
+                       f"adapter's config.json does (method {p.method!r}, target_regex "
+                       f"{p.target!r})")
+  return params, config
 
 
 class Pretrained(NamedTuple):
@@ -215,11 +400,12 @@ class Pretrained(NamedTuple):
   config: ml_collections.ConfigDict
 
 
-def load_pretrained_all(export_dir: str) -> Pretrained:
-  """Export dir -> Pretrained(model, params, tokenizer, preprocess, config)."""
+def load_pretrained_all(export_dir: str, adapter_dir: str | None = None) -> Pretrained:
+  """Export dir (+ an adapter export trained on it) -> Pretrained(model, params, tokenizer,
+  preprocess, config)."""
   from jax_transfer.data.preprocess import ImagePreprocess
   from jax_transfer.tokenizer import load_tokenizer
-  model, params, config = load_pretrained(export_dir)
+  model, params, config = load_pretrained(export_dir, adapter_dir)
   tok_path = os.path.join(export_dir, "tokenizer.json")
   tokenizer = load_tokenizer(tok_path) if os.path.exists(tok_path) else None
   return Pretrained(model, params, tokenizer, ImagePreprocess.from_config(config.input), config)
@@ -243,12 +429,14 @@ def _resample_if_posemb(key: str, pre, want_shape, flat_keys):
 
 
 def merge_pretrained(params, pretrained, load_regex: str = ".*", skip_regex: str = "^$",
-                     source: str = "pretrained"):
+                     source: str = "pretrained", optional_regex: str = "^$"):
   """Returns `params` with every leaf whose path matches load_regex (and not skip_regex)
   replaced by the pretrained leaf of the same path. Shapes must agree; a selected path that
   the pretrained tree lacks is an error naming it, so a typo in a regex cannot silently load
   nothing. Either tree may hold scan-stacked blocks: paths and regexes are the per-block ones
-  (encoderblock_{i}/...), and the result has the layout of `params`."""
+  (encoderblock_{i}/...), and the result has the layout of `params`. A selected path matching
+  optional_regex that the pretrained tree lacks keeps its value (the PEFT parameters of a run
+  started from a plain export)."""
   from jax_transfer.models.vit import has_stacked_blocks, stack_blocks, unstack_blocks
   stacked = has_stacked_blocks(params)
   flat, pre = flatten_keys(unstack_blocks(params)), flatten(unstack_blocks(pretrained))
@@ -257,6 +445,8 @@ def merge_pretrained(params, pretrained, load_regex: str = ".*", skip_regex: str
   if not selected:
     raise ValueError(f"init.load_regex={load_regex!r} (skip {skip_regex!r}) selects no "
                      f"parameter; some paths: {sorted(flat)[:5]}")
+  optional = re.compile(optional_regex)
+  selected = [k for k in selected if k in pre or not optional.search(k)]
   for k in selected:
     if k not in pre:
       raise ValueError(f"{source} lacks parameter {k!r} selected by init.load_regex="

@@ -12,7 +12,8 @@ import logging
 import ml_collections
 
 # Keys a method may add beyond the base (their sections are validated by the method).
-METHOD_SECTIONS = ("contrastive", "icl", "learngene", "distill", "transfer_eval", "mixup")
+METHOD_SECTIONS = ("contrastive", "icl", "learngene", "distill", "transfer_eval", "mixup",
+                   "atlas")
 # Sections whose keys depend on a choice (config.model: the model named by model_name);
 # validate() checks them by building the model, whose constructor rejects unknown fields.
 FREE_SECTIONS = ("model",)
@@ -24,7 +25,10 @@ class ConfigError(ValueError):
 
 # config.peft's keys and defaults (their meaning: jax_transfer/peft.py).
 PEFT_DEFAULTS = dict(method="none", target_regex="", rank=8, alpha=16.0, rslora=False,
-                     dropout=0.0, init="kaiming", scale=4.0, train_regex=r"^head/")
+                     dropout=0.0, init="kaiming", scale=4.0, train_regex=r"^head/",
+                     length=0, deep=True,
+                     frozen_dtype="")  # frozen params stored as: '' (init's) | 'bfloat16'
+FROZEN_DTYPES = ("", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -85,8 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Parameter-efficient transfer (jax_transfer/peft.py): 'none' | 'lora' | 'adapter' |
   # 'parallel_adapter' | 'bitfit', on any model, e.g. --config.peft.method=lora.
   c.peft = ml_collections.ConfigDict(dict(PEFT_DEFAULTS))
+  # init.adapter_dir: an adapter export (`python -m jax_transfer.export --adapter_only`) applied
+  # onto init.export_dir, which must be the base it was trained on (checked: base.json).
   c.init = ml_collections.ConfigDict(dict(
-      export_dir=ml_collections.config_dict.placeholder(str), load_regex=".*",
+      export_dir=ml_collections.config_dict.placeholder(str),
+      adapter_dir=ml_collections.config_dict.placeholder(str), load_regex=".*",
       skip_regex="^head/"))
   return c
 
@@ -104,6 +111,11 @@ def with_overrides(config, **overrides):
       node = node[part]
     node[last] = value
   return config
+
+
+def frozen_dtype(config) -> str:
+  """config.peft.frozen_dtype, '' when the config (an older export's) has none."""
+  return (config.get("peft") or {}).get("frozen_dtype", "")
 
 
 def model_kwargs(model_cfg) -> dict:
@@ -221,6 +233,16 @@ def validate(config, num_devices: int) -> None:
     peft.optimizer_config(config)  # validates config.peft as well
   except ValueError as e:
     raise ConfigError(f"peft: {e}") from None
+  if frozen_dtype(config) not in FROZEN_DTYPES:
+    raise ConfigError(f"peft.frozen_dtype={frozen_dtype(config)!r} is unknown; allowed: "
+                      f"{FROZEN_DTYPES}")
+  if frozen_dtype(config) and peft.optimizer_config(config).trainable_regex in ("", ".*"):
+    raise ConfigError(f"peft.frozen_dtype={frozen_dtype(config)!r} but nothing is frozen: set "
+                      "peft.method or optimizer.trainable_regex")
+  init = config.get("init") or {}
+  if init.get("adapter_dir") and not init.get("export_dir"):
+    raise ConfigError(f"init.adapter_dir={init.adapter_dir!r} needs init.export_dir: the base "
+                      f"export the adapter was trained on")
   if config.model_name not in models.MODELS:
     raise ConfigError(f"model_name={config.model_name!r} is unknown; allowed: "
                       f"{sorted(models.MODELS)}")

@@ -9,7 +9,8 @@ stacked on the 'layers' axis like the block they belong to, and the frozen base 
 re-stacked or copied. Only the PEFT parameters and the head train (optimizer.trainable_regex
 is set from the method; frozen weights get no gradient, train.make_default_train_step).
 
-  peft.method   'none' | 'lora' | 'adapter' | 'parallel_adapter' | 'bitfit'
+  peft.method   'none' | 'lora' | 'adapter' | 'parallel_adapter' | 'prefix' | 'vpt' | 'coop'
+                | 'bitfit'
   peft.target_regex   '' = the method's default target (below)
   peft.rank     LoRA rank r / adapter bottleneck width
   peft.alpha    LoRA alpha: scale alpha / r, or alpha / sqrt(r) with peft.rslora (rsLoRA)
@@ -21,6 +22,11 @@ is set from the method; frozen weights get no gradient, train.make_default_train
                 model at init
   peft.scale    parallel adapter's s (He et al. 2022 use 4)
   peft.train_regex   extra params that stay trainable (default: the head '^head/')
+  peft.length   prefix / prompt / context length; 0 = the method's default (prefix 8,
+                vpt 8, coop 4)
+  peft.deep     VPT: prompts at every block's input (VPT-deep, default) or only the first
+  peft.frozen_dtype   '' | 'bfloat16': the frozen params' storage dtype, also for a probe
+                (optimizer.trainable_regex); compute stays model.dtype (train.store_frozen)
 
 Methods:
   lora              y = W x + b + scale * B(A(dropout(x))) on every Dense / Projection layer
@@ -32,12 +38,47 @@ Methods:
                     sublayers (default '.*(attn|mlp)'): y + up(gelu(down(y))), up zero-init.
   parallel_adapter  the scaled parallel adapter of He et al. 2022 (Unified View) beside the
                     MLP (default '.*mlp'): mlp(x) + s * up(relu(down(x))), up zero-init.
+  prefix            Li & Liang 2021 (the Unified View's prefix tuning): `length` learned
+                    keys and values per attention layer, prefix_k / prefix_v [length, H, K],
+                    prepended to the layer's keys / values; every query sees them (a causal
+                    text tower's mask is shifted by `length`). Default target: the blocks'
+                    attention '.*encoderblock(s|_\d+)/attn' (the regex is matched on the
+                    Attention module's path). Init N(0, 0.02); not the base model at init.
+                    length * 2 * D parameters per layer.
+  vpt               Jia et al. 2022, visual prompt tuning: `length` learned prompt tokens
+                    joining the patch tokens of every ViT whose path matches (default '.*';
+                    in two towers the image tower 'img'), after the position embedding.
+                    Shallow (deep=False): one set [length, D] before the first block; deep: a
+                    set per block [depth, length, D], each replacing the previous block's
+                    prompt outputs. The prompts are appended after the patch tokens, which
+                    equals VPT's [cls, prompts, patches] order (no position embedding on
+                    prompts, attention is permutation-equivariant), and they are removed
+                    before the final norm and the pooling (cls, gap or map). Init
+                    U(-v, v), v = sqrt(6 / (patch fan_in + D)), VPT's code. Not the base
+                    model at init.
+  coop              Zhou et al. 2022 (CoOp), learned text-prompt context: `length` context
+                    vectors coop_ctx [length, D] (init N(0, 0.02), CoOp's random init)
+                    replace the token embeddings right after the start token of every text
+                    tower that matches (default '.*'; in two towers 'txt'); the caption's
+                    tokens move right by `length` and its last `length` positions are
+                    dropped, so captions must leave that many pad positions (ids are
+                    shifted alike, so argmax / eot pooling still finds EOT). The position
+                    embedding is added after, as in CoOp.
   bitfit            Ben Zaken et al. 2022: only biases and LayerNorm parameters train (no
                     parameter is added).
+
+Export (checkpoint.export, `python -m jax_transfer.export`): a LoRA or BitFit run exports a
+plain model, LoRA merged into the kernels (merge_lora) and config.peft.method 'none'; any other
+method's export keeps its parameters and config.peft, and checkpoint.load_pretrained wraps the
+rebuilt model again, so it computes what the trained model did. `--adapter_only` writes only
+the trained parameters (trainable_regex: the PEFT ones and train_regex's, e.g. the head) with
+a fingerprint of the base export (base.json); init.adapter_dir or load_pretrained(base,
+adapter_dir=...) applies it onto that base and refuses any other.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Optional
 
@@ -46,10 +87,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-METHODS = ("none", "lora", "adapter", "parallel_adapter", "bitfit")
+METHODS = ("none", "lora", "adapter", "parallel_adapter", "prefix", "vpt", "coop", "bitfit")
 DEFAULT_TARGETS = {"lora": r".*attn/(qkv|out)", "adapter": r".*(attn|mlp)",
-                   "parallel_adapter": r".*mlp", "bitfit": ""}
-ADDED = r"(lora_a|lora_b|adapter_down|adapter_up)"  # names of the params PEFT adds
+                   "parallel_adapter": r".*mlp", "prefix": r".*encoderblock(s|_\d+)/attn",
+                   "vpt": ".*", "coop": ".*", "bitfit": ""}
+DEFAULT_LENGTH = {"prefix": 8, "vpt": 8, "coop": 4}
+ADDED = (r"(lora_a|lora_b|adapter_down|adapter_up|prefix_k|prefix_v|vpt_prompt|"
+         r"coop_ctx)")  # names of the params PEFT adds
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -68,6 +112,8 @@ class Peft:
   init: str
   scale: float
   train_regex: str
+  length: int = 0
+  deep: bool = True
 
   @property
   def lora_scale(self) -> float:
@@ -92,6 +138,8 @@ def from_config(config) -> Optional[Peft]:
     raise ValueError(f"peft.init={c.init!r}; allowed: kaiming, gaussian")
   if not 0 <= c.dropout < 1:
     raise ValueError(f"peft.dropout={c.dropout!r} must be in [0, 1)")
+  if not (isinstance(c.length, int) and c.length >= 0):
+    raise ValueError(f"peft.length={c.length!r} must be an int >= 0 (0: the method's default)")
   target = c.target_regex or DEFAULT_TARGETS[c.method]
   try:
     re.compile(target)
@@ -99,7 +147,8 @@ def from_config(config) -> Optional[Peft]:
   except re.error as e:
     raise ValueError(f"peft.target_regex / train_regex: {e}") from None
   return Peft(c.method, target, int(c.rank), float(c.alpha), bool(c.rslora),
-              float(c.dropout), c.init, float(c.scale), c.train_regex)
+              float(c.dropout), c.init, float(c.scale), c.train_regex,
+              int(c.length or DEFAULT_LENGTH.get(c.method, 0)), bool(c.deep))
 
 
 def trainable_regex(p: Peft) -> str:
@@ -156,9 +205,10 @@ def _lora(p: Peft, module, x, y, kwargs):
     kshape = tuple(module.kernel_shape)
   in_shape, out_shape = kshape[:n_in], kshape[n_in:]
   names = _kernel_names(module) or (None,) * len(kshape)
-  fan_in = 1
-  for s in in_shape:
-    fan_in *= s
+  fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
+  if p.rank > min(fan_in, fan_out):
+    raise ValueError(f"peft.rank={p.rank} exceeds the smaller dimension of {_path(module)!r} "
+                     f"(kernel {tuple(kshape)}: {fan_in} in, {fan_out} out)")
   if p.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on A [r, fan_in]
     a_init = nn.initializers.uniform(2.0 / fan_in ** 0.5)
     a_init = _shifted(a_init, -1.0 / fan_in ** 0.5)
@@ -198,15 +248,70 @@ def _bottleneck(module, z, p: Peft, act):
   return h @ up.astype(module.dtype)
 
 
+def _token_param(hook, name, init, shape, names):
+  return hook.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+
+
+def _vpt_init(fan_in: int, d: int):
+  v = (6.0 / (fan_in + d)) ** 0.5  # VPT's code: uniform(-v, v), fan_in = 3 * patch area
+  return _shifted(nn.initializers.uniform(2 * v), -v)
+
+
+def _hook(p: Peft, target, hook, args, info):
+  """A models.vit.Hook call under method `p`: the token methods' edits (module docstring)."""
+  name = hook.name
+  owner = "/".join(str(s) for s in hook.path[:-1])  # the module that holds the hook
+  if p.method == "prefix" and name == "prefix" and target.fullmatch(owner):
+    k, v = args  # [B, S, H, K]
+    pk, pv = (_token_param(hook, f"prefix_{n}", nn.initializers.normal(0.02),
+                           (p.length,) + k.shape[2:], (None, "heads", "kv")) for n in "kv")
+    tile = lambda t, like: jnp.broadcast_to(t.astype(like.dtype), like.shape[:1] + t.shape)
+    return (jnp.concatenate([tile(pk, k), k], axis=1),
+            jnp.concatenate([tile(pv, v), v], axis=1))
+  if p.method == "vpt" and name in ("prompt_in", "prompt", "prompt_out"):
+    (x,) = args  # [B, N, D]
+    tower = owner if name != "prompt" else owner.rpartition("/")[0]
+    if target.fullmatch(tower):
+      if name == "prompt_out":
+        return x[:, :-p.length]
+      if name == "prompt" and not p.deep:
+        return x
+      b, _, d = x.shape
+      if name == "prompt_in" and p.deep:  # placeholders: block 0 puts its own prompts here
+        prompts = jnp.zeros((p.length, d), x.dtype)
+      else:
+        prompts = _token_param(hook, "vpt_prompt", _vpt_init(info["fan_in"], d),
+                               (p.length, d), (None, "embed")).astype(x.dtype)
+      prompts = jnp.broadcast_to(prompts, (b, p.length, d))
+      keep = x if name == "prompt_in" else x[:, :-p.length]
+      return jnp.concatenate([keep, prompts], axis=1)
+  if p.method == "coop" and name == "context_in" and target.fullmatch(owner):
+    x, tokens = args  # [B, L, D], [B, L]
+    b, n, d = x.shape
+    if n <= p.length:
+      raise ValueError(f"peft.length={p.length} leaves no room in {n} text tokens")
+    ctx = _token_param(hook, "coop_ctx", nn.initializers.normal(0.02), (p.length, d),
+                       (None, "embed")).astype(x.dtype)
+    keep = n - p.length
+    x = jnp.concatenate([x[:, :1], jnp.broadcast_to(ctx, (b, p.length, d)), x[:, 1:keep]], 1)
+    tokens = jnp.concatenate([tokens[:, :1], jnp.zeros((b, p.length), tokens.dtype),
+                              tokens[:, 1:keep]], axis=1)
+    return x, tokens
+  return args[0] if len(args) == 1 else args
+
+
 def interceptor(p: Peft):
   """The flax method interceptor applying `p` to every matched module's __call__."""
-  from jax_transfer.models.vit import MLP, Attention, Projection
+  from jax_transfer.models.vit import MLP, Attention, Hook, Projection
   target = re.compile(p.target)
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or p.method == "bitfit" or not target.fullmatch(
-        _path(module)):
+    if context.method_name != "__call__" or p.method == "bitfit":
+      return next_fun(*args, **kwargs)
+    if isinstance(module, Hook):
+      return _hook(p, target, module, args, kwargs)
+    if not target.fullmatch(_path(module)):
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
     if p.method == "lora" and isinstance(module, (nn.Dense, Projection)):
@@ -246,3 +351,73 @@ def wrap(model, config):
   """model, or PeftModel(model) when config.peft selects a method."""
   p = from_config(config)
   return model if p is None or p.method == "bitfit" else PeftModel(model, p)
+
+
+# ------------------------------------------------------------------------ Merge and export.
+
+MERGEABLE = ("lora", "bitfit")  # export as a plain model; every other method's export keeps
+                                # its parameters and config.peft (load_pretrained re-wraps)
+
+
+def merge_lora(params, p: Peft):
+  """`params` with every LoRA pair folded into its kernel, W + p.lora_scale * A B (A [*in, r]
+  and B [r, *out] contracted over r and reshaped to W [*in, *out]), lora_a / lora_b removed:
+  the parameters of the plain model whose outputs equal the LoRA model's up to rounding
+  (tests/test_peft_export.py). jnp: it runs under jit and on sharded arrays (numpy leaves,
+  host-side loading, stay numpy), and scan-stacked blocks (the same leading layers axis on W,
+  A and B) merge per layer. The merged kernel takes the dtype of W + A B (f32 for a frozen
+  kernel stored in bf16)."""
+  import flax.traverse_util as tu  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  flat = tu.flatten_dict(params)
+  out = {k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")}
+  for key in (k[:-1] for k in flat if k[-1] == "lora_a"):
+    a, b, w = flat[key + ("lora_a",)], flat[key + ("lora_b",)], flat[key + ("kernel",)]
+    lead = a.ndim + b.ndim - 2 - w.ndim  # leading (layers) axes of all three
+    if lead < 0 or not (a.shape[:lead] == b.shape[:lead] == w.shape[:lead]) or (
+        a.shape[-1] != b.shape[lead] or a.shape[lead:-1] + b.shape[lead + 1:] != w.shape[lead:]):
+      raise ValueError(f"{'/'.join(key)}: lora_a {a.shape} and lora_b {b.shape} do not fit "
+                       f"its kernel {w.shape}")
+    xp = np if all(isinstance(x, np.ndarray) for x in (a, b, w)) else jnp
+    dtype = xp.result_type(w.dtype, a.dtype, b.dtype)
+    lhs = xp.reshape(a, a.shape[:lead] + (-1, a.shape[-1])).astype(dtype)  # [*L, in, r]
+    rhs = xp.reshape(b, b.shape[:lead + 1] + (-1,)).astype(dtype)  # [*L, r, out]
+    delta = (lhs @ rhs if xp is np else
+             jnp.matmul(lhs, rhs, precision=jax.lax.Precision.HIGHEST)).reshape(w.shape)
+    out[key + ("kernel",)] = w.astype(dtype) + p.lora_scale * delta
+  return tu.unflatten_dict(out)
+
+
+def for_export(params, config):
+  """(params, config) as checkpoint.export writes them. LoRA and BitFit export a plain model:
+  LoRA merged (merge_lora), and config.peft.method 'none' (the rest of config.peft stays as a
+  record; frozen_dtype '', an export's params being f32). Any other method keeps its
+  parameters and config.peft, and checkpoint.load_pretrained wraps the model again (`wrap`)."""
+  p = from_config(config)
+  if p is None or p.method not in MERGEABLE:
+    return params, config
+  config = config.copy_and_resolve_references()
+  config.peft.method = "none"
+  if "frozen_dtype" in config.peft:
+    config.peft.frozen_dtype = ""
+  return (merge_lora(params, p) if p.method == "lora" else params), config
+
+
+def check_added(config, params) -> None:
+  """Raises ValueError naming peft.target_regex when config.peft's method added no parameter
+  to `params` (a model's, e.g. the abstract ones train.py traces before compiling): a target
+  that matches no module would otherwise train the head alone, silently."""
+  import flax.traverse_util as tu  # pylint: disable=g-import-not-at-top
+  p = from_config(config)
+  if p is None or p.method == "bitfit":
+    return
+  keys = ["/".join(k) for k in tu.flatten_dict(params)]
+  if any(re.search(rf"(^|/){ADDED}$", k) for k in keys):
+    return
+  modules = sorted({k.rpartition("/")[0] for k in keys if "/" in k
+                    and not re.search(r"encoderblock_[1-9]", k)})  # block 0 stands for all
+  given = config.peft.get("target_regex", "")
+  target = repr(given) if given else f"'' (the {p.method} default {p.target!r})"
+  raise ValueError(f"peft.target_regex={target} matches no module that peft.method="
+                   f"{p.method!r} adds parameters to (a full match on the module path); "
+                   f"module paths here: {modules[:8]}")

@@ -97,6 +97,25 @@ def make_default_train_step(method, tx, schedule, grad_accum_steps: int, opt_cfg
   return step_fn
 
 
+def store_frozen(params, config):
+  """params with the frozen leaves (optim.trainable_paths of optimizer.trainable_regex, or of
+  config.peft) of a floating dtype cast to config.peft.frozen_dtype: a frozen backbone stored
+  in bfloat16 takes half the memory while the trained leaves, their optimiser state and the
+  compute (model.dtype) keep their dtypes. Unchanged when frozen_dtype is '' or nothing is
+  frozen. abstract_state and create_state both apply it, so the state, its checkpoints and a
+  resumed run agree; frozen leaves stay in that dtype (zero updates)."""
+  dtype = config_lib.frozen_dtype(config)
+  trainable = optim.trainable_paths(params, peft.optimizer_config(config)) if dtype else None
+  if trainable is None:
+    return params
+
+  def cast(path, x):
+    name = "/".join(str(k.key) for k in path)
+    return x.astype(dtype) if name not in trainable and jnp.issubdtype(
+        x.dtype, jnp.floating) else x
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def abstract_state(method, tx, mesh, rules, rng):
   """(abstract train state, its shardings): shapes from eval_shape, shardings from the
   logical-axis rules. Traces only — nothing compiles — so checks against checkpoints and
@@ -105,7 +124,8 @@ def abstract_state(method, tx, mesh, rules, rng):
   abstract_boxed = jax.eval_shape(method.init_params, param_rng)
   param_sh = parallel.logical_to_shardings(abstract_boxed, mesh, rules)
   replicated = NamedSharding(mesh, P())
-  abstract_params = nn.unbox(abstract_boxed)
+  abstract_params = jax.eval_shape(lambda p: store_frozen(p, method.config),
+                                   nn.unbox(abstract_boxed))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = parallel.shardings_following_params(abstract_opt, param_sh, abstract_params, mesh)
   abstract_extra = jax.eval_shape(method.init_extra, extra_rng, abstract_params)
@@ -127,7 +147,7 @@ def create_state(method, tx, mesh, rules, rng, shardings=None):
 
   def init(rng):
     param_rng, extra_rng = jax.random.split(rng)
-    params = nn.unbox(method.init_params(param_rng))
+    params = store_frozen(nn.unbox(method.init_params(param_rng)), method.config)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=rng, extra=nn.unbox(method.init_extra(extra_rng, params)))
 
@@ -264,6 +284,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
     abstract, state_sh = abstract_state(method, tx, mesh, rules, rng)
   except optim.MaskError as e:
     raise config_lib.ConfigError(str(e)) from None
+  try:  # A peft.target_regex that matched no module added no parameter.
+    peft.check_added(config, abstract.params)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   latest = checkpoint.latest_step(workdir)
   try:
     if latest is not None:  # Another architecture's checkpoint: one line, workdir untouched.
@@ -272,6 +296,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
       jax.eval_shape(method.load_pretrained, abstract.params)
   except checkpoint.CheckpointMismatchError as e:
     raise config_lib.ConfigError(str(e)) from None
+  except checkpoint.AdapterError as e:  # Another base, or a model without its PEFT.
+    raise config_lib.ConfigError(f"init.adapter_dir: {' '.join(str(e).split())}") from None
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f"init.export_dir: {' '.join(str(e).split())}") from None
   _create_workdir(workdir)

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import ml_collections
@@ -81,6 +82,28 @@ def _file_as_workdir(tmp):
   return str(path)
 
 
+_ADAPTERS = {}
+
+
+def _adapter_for_another_base(data_dir, tmp, trained):
+  """A LoRA run's adapter export (trained on the `trained` export, built once) applied onto
+  another export of the same architecture: one parameter differs."""
+  if trained[1] not in _ADAPTERS:
+    run, out = tempfile.mkdtemp(prefix="lora_run"), tempfile.mkdtemp(prefix="adapter")
+    c = config_lib.with_overrides(tiny_vit_config(data_dir), **{
+        "total_steps": 1, "peft.method": "lora", "init.export_dir": trained[1]})
+    train.train_and_evaluate(c, run, devices=jax.devices()[:1])
+    export_lib.export_workdir(run, out, adapter_only=True)
+    _ADAPTERS[trained[1]] = out
+  flat = checkpoint.flatten(checkpoint.load_export_params(trained[1]))
+  flat["cls"] = flat["cls"] + 1.0
+  other = str(tmp / "other_base")
+  checkpoint.export(checkpoint.unflatten(flat), checkpoint.load_export_config(trained[1]), other)
+  return config_lib.with_overrides(tiny_vit_config(data_dir), **{
+      "peft.method": "lora", "init.export_dir": other,
+      "init.adapter_dir": _ADAPTERS[trained[1]]}), str(tmp / "w")
+
+
 def _unprepared(data_dir, tmp, trained):
   c = tiny_vit_config(data_dir)
   c.input.dataset, c.input.data_dir = "cifar10", str(tmp / "empty")
@@ -129,6 +152,15 @@ CASES = [
     ("load regex selecting nothing", lambda d, t, tr: (config_lib.with_overrides(
         tiny_vit_config(d), **{"init.export_dir": tr[1], "init.load_regex": "^nosuch/"}),
         str(t / "w")), r"init.load_regex='\^nosuch/' .* selects no parameter"),
+    ("PEFT target matching no module", _set(**{"peft.method": "lora",
+                                                "peft.target_regex": "nosuch"}),
+     r"peft.target_regex='nosuch' matches no module that peft.method='lora' adds parameters "
+     r"to .*module paths here: \['embedding', 'encoder_norm', 'encoderblock_0/attn/out', "),
+    ("adapter without its base", _set(**{"init.adapter_dir": "/tmp/adapter"}),
+     r"init.adapter_dir='/tmp/adapter' needs init.export_dir: the base export"),
+    ("adapter export for another base", _adapter_for_another_base,
+     r"init.adapter_dir: adapter export '.*adapter.*' was trained on the base export '.*', not "
+     r"on '.*other_base': the same parameter names and shapes but other values"),
     ("trainable regex splitting scanned blocks", _set(**{
         "model.scan_layers": True, "optimizer.trainable_regex": "encoderblock_1/|^head/"}),
      r"optimizer.trainable_regex='encoderblock_1/\|\^head/' matches blocks \[1\] of the 2 "

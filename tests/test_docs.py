@@ -173,7 +173,7 @@ def _stand_in_export(tmp_path):
   return str(export)
 
 
-def _dry_run(argv, tmp_path):
+def _dry_run(argv, tmp_path, exports=None):
   """The CLI's checks of `argv` up to where a real run needs the real machine or data.
 
   Placeholders: $VAR becomes the bare name VAR (a local path that does not exist, as
@@ -188,6 +188,10 @@ def _dry_run(argv, tmp_path):
   assert not urls, f"the loop reads local paths only (mount buckets with gcsfuse): {urls}"
   argv = [re.sub(r"(?<=[:,])init=[^,]+", lambda _: "init=" + _stand_in_export(tmp_path), a)
           if a.startswith("--config=") else a for a in argv]
+  if exports is not None:  # merging/atlas.py's base=DIR,tasks=A+B: real tiny exports
+    argv = [re.sub(r"(?<=[:,])tasks=[^,]+", "tasks=" + "+".join(exports["models"][:2]),
+                   re.sub(r"(?<=[:,])base=[^,]+", "base=" + exports["base"], a))
+            if a.startswith("--config=") else a for a in argv]
   config, workdir = main.parse_command(argv)  # UsageError: an unknown key, a wrong type.
   train._check_workdir(workdir)
   spec = next(a for a in argv if a.startswith("--config="))[len("--config="):]
@@ -198,9 +202,10 @@ def _dry_run(argv, tmp_path):
 
 
 @pytest.mark.parametrize("where,argv", COMMANDS, ids=[w for w, _ in COMMANDS])
-def test_documented_command_validates(where, argv, tmp_path, monkeypatch):
+def test_documented_command_validates(where, argv, tmp_path, monkeypatch, request):
   monkeypatch.chdir(ROOT)  # The commands run from the checkout.
-  _dry_run(argv, tmp_path)
+  needs_exports = any(re.search(r"[:,]base=", a) for a in argv if a.startswith("--config="))
+  _dry_run(argv, tmp_path, request.getfixturevalue("exports") if needs_exports else None)
 
 
 @pytest.mark.parametrize("bad,error", [

@@ -124,43 +124,6 @@ def test_diagonal_fisher_of_softmax_regression_equals_closed_form():
 
 # ------------------------------------------------------------------------------- Exports.
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory, data_dir):
-  """A tiny digits ViT export (the base) and three 'fine-tunes' of it (perturbed params,
-  config.init.export_dir = the base), plus one of another width and one from another base."""
-  from conftest import tiny_vit_config
-  from jax_transfer import methods
-  root = tmp_path_factory.mktemp("merge")
-  c = tiny_vit_config(data_dir)
-  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  method = methods.get_method(c.method)(c, mesh)
-  import flax.linen as nn
-  params = jax.device_get(nn.unbox(method.init_params(jax.random.key(0))))
-  flat = checkpoint.flatten(params)
-  base = str(root / "base")
-  checkpoint.export(params, c, base)
-  rng = np.random.default_rng(0)
-  out = {"base": base, "models": []}
-  for i in range(3):
-    ft = {k: v + 0.1 * rng.standard_normal(v.shape).astype(v.dtype) for k, v in flat.items()}
-    cf = tiny_vit_config(data_dir)
-    cf.init.export_dir = base
-    d = str(root / f"ft{i}")
-    checkpoint.export(checkpoint.unflatten(ft), cf, d)
-    out["models"].append(d)
-  wide = tiny_vit_config(data_dir)
-  wide.model.variant = "mu/2"
-  wm = methods.get_method(wide.method)(wide, mesh)
-  out["wide"] = str(root / "wide")
-  checkpoint.export(jax.device_get(nn.unbox(wm.init_params(jax.random.key(0)))), wide,
-                    out["wide"])
-  other = tiny_vit_config(data_dir)
-  other.init.export_dir = str(root / "elsewhere")
-  out["other_base"] = str(root / "other")
-  checkpoint.export(params, other, out["other_base"])
-  return out
-
-
 @pytest.mark.parametrize("method,kw", [("ties", dict(top_k=0.2)), ("task_arithmetic", {}),
                                        ("average", {})])
 def test_merge_on_8_devices_equals_1_and_the_formula(exports, method, kw):

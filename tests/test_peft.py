@@ -91,7 +91,8 @@ def test_lora_matches_a_dense_reference():
 
 
 @pytest.mark.parametrize("method,trains", [
-    ("lora", r"(lora_a|lora_b)$|^head/"), ("bitfit", r"(bias|scale)$|^head/")])
+    ("lora", r"(lora_a|lora_b)$|^head/"), ("bitfit", r"(bias|scale)$|^head/"),
+    ("prefix", r"(prefix_k|prefix_v)$|^head/"), ("vpt", r"vpt_prompt$|^head/")])
 def test_training_moves_only_peft_params_and_head(data_dir, tmp_path, method, trains):
   import re
   c = tiny_vit_config(data_dir)

@@ -20,11 +20,15 @@ TARGETS = {
     "supervised/digits_vit.py": [("", 1), ("transfer", 1), ("probe", 1)],
     "supervised/imagenet_vit_b16.py": [  # TPU v4-32 = 16 devices; one 8-GPU host.
         ("", 16), ("ep90", 16), ("fsdp", 16), ("fsdp,ep90", 16),
-        ("gpu8", 8), ("gpu8,ep90", 8), ("gpu8,fsdp", 8)],
+        ("gpu8", 8), ("gpu8,ep90", 8), ("gpu8,fsdp", 8), ("lora", 16), ("gpu8,lora,ep90", 8)],
     "supervised/cifar10_vit_b16.py": [("", 8), ("", 16)],
     "contrastive/coco_clip_b16.py": [  # TPU v4-64 = 32 devices; one 8x H100 host.
-        ("", 32), ("siglip", 32), ("gpu8", 8), ("siglip,gpu8", 8)],
+        ("", 32), ("siglip", 32), ("gpu8", 8), ("siglip,gpu8", 8), ("lora", 32),
+        ("gpu8,lora", 8)],
 }
+# Configs built from exports given as arguments (base=DIR,...): validated on real tiny exports
+# by their own tests (tests/test_atlas.py) and by tests/test_docs.py's documented commands.
+FROM_EXPORTS = ("merging/atlas.py",)
 # Device counts a config without an entry above may target (CPU, one host, pod slices).
 ANY_TARGET = (1, 8, 16, 32, 64, 128, 256)
 EMBEDDED = tuple(builders.EMBEDDED)  # digits, shapes_captions, shapes_jpeg
@@ -70,7 +74,7 @@ def test_targets_name_existing_files():
   assert set(TARGETS) <= set(_config_files())
 
 
-@pytest.mark.parametrize("rel", _config_files())
+@pytest.mark.parametrize("rel", [f for f in _config_files() if f not in FROM_EXPORTS])
 def test_config_validates_for_its_hardware(rel):
   for arg, devices in TARGETS.get(rel, []):
     config_lib.validate(_get_config(rel, arg), devices)
@@ -90,7 +94,7 @@ def validate_for_some(config, device_counts, what):
   pytest.fail(f"{what} validates for none of {tuple(device_counts)} devices: {errors}")
 
 
-@pytest.mark.parametrize("rel", _config_files())
+@pytest.mark.parametrize("rel", [f for f in _config_files() if f not in FROM_EXPORTS])
 def test_runlocal_is_small_and_runs_here(rel):
   base_args = sorted({a for a, _ in TARGETS.get(rel, [("", 1)])})
   for arg in base_args:
@@ -151,3 +155,24 @@ def test_cifar10_transfer_matches_its_upstream(arg):
   if not arg:  # big_vision's CIFAR-10 transfer recipe.
     assert (down.optimizer.name, down.optimizer.lr, down.optimizer.momentum,
             down.input.global_batch_size, down.total_steps) == ("sgd", 0.03, 0.9, 512, 10_000)
+
+
+@pytest.mark.parametrize("rel,trained", [
+    ("supervised/imagenet_vit_b16.py", r"^(encoderblock_\d+/attn/(qkv|out)/lora_[ab]|head/.*)$"),
+    ("contrastive/coco_clip_b16.py", r"^img/encoderblock_\d+/attn/(qkv|out)/lora_[ab]$")])
+def test_lora_arg_trains_what_its_docstring_says(rel, trained):
+  """`lora` (also with runlocal): LoRA on the attention projections, and for CLIP on the
+  image tower's only; the LoRA factors train (and the ViT's head), nothing else."""
+  import re
+  import jax
+  from jax_transfer import methods, optim, parallel, peft
+  import flax
+  assert _get_config(rel, "lora").peft.to_dict() == _get_config(rel, "lora,runlocal").peft.to_dict()
+  c = _get_config(rel, "lora,runlocal")
+  mesh = parallel.make_mesh(c.mesh, jax.devices()[:1])
+  method = methods.get_method(c.method)(c, mesh, None)
+  params = jax.eval_shape(method.init_params, jax.random.key(0))  # traced only
+  paths = flax.traverse_util.flatten_dict(params, sep="/").keys()
+  trainable = optim.trainable_paths(params, peft.optimizer_config(c))
+  assert trainable == {k for k in paths if re.match(trained, k)} and trainable
+  assert any(k.startswith("txt/") for k in paths) == (c.model_name == "two_towers")

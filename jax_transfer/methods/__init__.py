@@ -12,6 +12,7 @@ METHODS = {
     "distilled_pretrain": "jax_transfer.methods.distilled_pretrain:DistilledPretrain",
     "learngene": "jax_transfer.methods.learngene:Learngene",
     "icl": "jax_transfer.methods.icl:ICL",
+    "atlas": "jax_transfer.methods.atlas:Atlas",
 }
 
 

@@ -6,8 +6,9 @@ A method is a class built from the config. The loop calls, in order:
   init_extra(rng, params)          -> method state outside the optimiser (default None);
                                       boxed leaves are sharded by the same rules
   load_pretrained(params, config)  -> params after transfer initialisation (default: the
-                                      `config.init` export, regex-selected; a learngene
-                                      export is first expanded to this model's depth)
+                                      `config.init` export, with init.adapter_dir's adapter
+                                      on top, regex-selected; a learngene export is first
+                                      expanded to this model's depth)
   load_extra(extra)                -> extra with host-loaded values (e.g. a teacher export),
                                       on a fresh start only; placed on init_extra's shardings
   loss_fn(params, extra, batch, rng) -> (loss, (metrics, new_extra)), for the loop's step
@@ -53,13 +54,18 @@ class Method:
     init = self.config.init
     if not init.export_dir:
       return params
-    pretrained = checkpoint.load_export_params(init.export_dir)
+    if init.get("adapter_dir"):  # The base with the adapter on top, merged when need be.
+      pretrained, _ = checkpoint.load_adapted(init.export_dir, init.adapter_dir, like=params)
+    else:
+      pretrained = checkpoint.load_export_params(init.export_dir)
     from jax_transfer.models import learngene  # TLEG: a learngene initialises any depth.
     if learngene.is_learngene(pretrained):
       pretrained = learngene.expand_like(pretrained, params)
+    from jax_transfer import peft  # The PEFT params a plain export lacks keep their init.
     return checkpoint.merge_pretrained(
         params, pretrained, init.load_regex,
-        init.skip_regex, source=f"export {init.export_dir}")
+        init.skip_regex, source=f"export {init.export_dir}",
+        optional_regex=rf"(^|/){peft.ADDED}$" if peft.from_config(self.config) else "^$")
 
   def load_extra(self, extra):
     return extra

@@ -18,6 +18,14 @@ Arguments (comma-separated): `clip` (default) | `siglip`;
             grad_accum_steps=4.
   gpu8      one 8x H100 host: mesh fsdp=8 (params + Adam state sharded), microbatch 2048
             (256 per GPU), grad_accum_steps=16.
+  lora      LoRA on the image tower only (jax_transfer/peft.py): peft.method='lora' (r=8,
+            alpha 16) with peft.target_regex='img/.*attn/(qkv|out)', only the LoRA factors
+            train (peft.train_regex=''); the text tower, both projections and the
+            temperature stay frozen (no gradient, no optimiser state). Start from a
+            pretrained CLIP export (jax_transfer.tools.import_checkpoint) with
+            --config.init.export_dir=DIR; --config.peft.frozen_dtype=bfloat16 also stores
+            the frozen weights in bf16. Per-device memory next to full training's:
+            benchmarks/RESULTS.md, "PEFT memory". Works with the other arguments.
   runlocal  the embedded shapes_captions data, a mu/4 image tower and a 2-layer text tower,
             batch 32 as 2 microbatches of 16, 20 steps, float32, with remat on.
 
@@ -30,6 +38,11 @@ Each image has ~5 captions under captions/text; the pipeline trains on the first
 Command (every host runs it; jax.distributed starts itself on TPU pods):
   python -m jax_transfer.main --config=ml_collections_configs/contrastive/coco_clip_b16.py \
     --config.input.data_dir=/mnt/gcs/$BUCKET/tfds --workdir=/mnt/gcs/$BUCKET/clip_b16_coco
+LoRA on the image tower of an imported export, on the 8-GPU host, frozen weights in bf16:
+  python -m jax_transfer.main \
+    --config=ml_collections_configs/contrastive/coco_clip_b16.py:gpu8,lora \
+    --config.init.export_dir=$EXPORT_DIR --config.peft.frozen_dtype=bfloat16 \
+    --config.input.data_dir=$TFDS_DATA_DIR --workdir=$WORKDIR
 
 Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was available).
 Measured, runlocal only (2 CPU cores, jax 0.10.2 on CPU):
@@ -53,7 +66,14 @@ def get_config(arg: str = ""):
     c = shapes_clip.get_config(f"{loss},runlocal")
     c.grad_accum_steps = 2
     c.model.remat = True
-    return c
+  else:
+    c = _pod_config(args, loss)
+  if "lora" in args:  # The image tower's attention only; just the LoRA factors train.
+    c.peft.update(dict(method="lora", target_regex=r"img/.*attn/(qkv|out)", train_regex=""))
+  return c
+
+
+def _pod_config(args, loss):
   c = shapes_clip.get_config(loss)
   c.total_steps = 20_000  # ~5.5 epochs of coco train at 32k, the pod-run budget.
   c.log_every_steps = 50

@@ -23,6 +23,14 @@ Arguments (comma-separated, e.g. `:gpu8,ep90`):
             with gpu8): for larger variants or GPUs with less memory. Same global batch,
             same maths.
   ep90      90 epochs (28,151 steps) instead of 300 (93,835 steps).
+  lora      LoRA fine-tuning (jax_transfer/peft.py) instead of training every weight:
+            peft.method='lora' (r=8, alpha 16) on every block's attn/qkv and attn/out, the
+            head trained, all else frozen (no gradient, no optimiser state). Start from a
+            pretrained B/16 export, --config.init.export_dir=DIR (the head is not loaded:
+            init.skip_regex='^head/'); --config.peft.frozen_dtype=bfloat16 also stores the
+            frozen weights in bf16. The rest of the recipe is the from-scratch one (shorten
+            it with ep90 or total_steps). Per-device memory next to full training's:
+            benchmarks/RESULTS.md, "PEFT memory". Works with every other argument.
   runlocal  shrink to something this CPU runs in seconds: the embedded 'digits' (8x8x1),
             classes 0-4, ViT-mu/2, batch 32, 20 steps, float32, no remat, mesh data=-1.
 
@@ -37,6 +45,11 @@ Command (every host of the v4-32 runs the same command; jax.distributed starts i
       --config.input.data_dir=/mnt/gcs/$BUCKET/tfds --workdir=/mnt/gcs/$BUCKET/vit_b16_i1k"
   One 8-GPU host: python -m jax_transfer.main \
       --config=ml_collections_configs/supervised/imagenet_vit_b16.py:gpu8 \
+      --config.input.data_dir=$TFDS_DATA_DIR --workdir=$WORKDIR
+  LoRA fine-tuning of an export on the 8-GPU host, frozen weights in bf16:
+    python -m jax_transfer.main \
+      --config=ml_collections_configs/supervised/imagenet_vit_b16.py:gpu8,lora,ep90 \
+      --config.init.export_dir=$EXPORT_DIR --config.peft.frozen_dtype=bfloat16 \
       --config.input.data_dir=$TFDS_DATA_DIR --workdir=$WORKDIR
 
 Hardware, wall time, result -- NOT MEASURED HERE (no pod or GPU host was available):
@@ -68,10 +81,10 @@ def _steps(epochs: int) -> int:
 
 def get_config(arg: str = ""):
   args = set(a for a in arg.split(",") if a)
-  unknown = args - {"gpu8", "fsdp", "ep90", "runlocal"}
+  unknown = args - {"gpu8", "fsdp", "ep90", "lora", "runlocal"}
   if unknown:
     raise ValueError(f"unknown config args {sorted(unknown)}; allowed: gpu8, fsdp, ep90, "
-                     "runlocal")
+                     "lora, runlocal")
   c = base_config()
   c.method = "supervised"
   c.seed = 0
@@ -120,6 +133,8 @@ def get_config(arg: str = ""):
   c.schedule.name = "cosine"
   c.schedule.warmup_steps = 10_000
   c.schedule.end_lr_ratio = 0.0
+  if "lora" in args:  # LoRA on the attention projections; the head trains (peft defaults).
+    c.peft.method = "lora"
 
   if "runlocal" in args:
     c.total_steps = 20
