@@ -49,8 +49,9 @@ def make_default_train_step(method, tx, schedule, grad_accum_steps: int, opt_cfg
   ~1/3 of full fine-tuning's FLOPs: tests/test_optim.py). The frozen leaves get zero
   gradients, which the optimiser (multi_transform 'freeze') ignores."""
 
-  def grads_of(params, extra, batch, rng):
-    trainable = optim.trainable_paths(params, opt_cfg) if opt_cfg is not None else None
+  def grads_of(params, trainable, extra, batch, rng):
+    """(grads, metrics, extra): grads like params when everything trains, else a flat
+    {path: grad} of the trainable leaves only (so gradient accumulation carries only those)."""
     if trainable is None:
       (loss, (metrics, extra)), grads = jax.value_and_grad(method.loss_fn, has_aux=True)(
           params, extra, batch, rng)
@@ -63,14 +64,21 @@ def make_default_train_step(method, tx, schedule, grad_accum_steps: int, opt_cfg
       return method.loss_fn(flax.traverse_util.unflatten_dict({**frozen, **train}, sep="/"),
                             extra, batch, rng)
     (loss, (metrics, extra_out)), g = jax.value_and_grad(loss_of, has_aux=True)(train)
-    zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
-    grads = flax.traverse_util.unflatten_dict({**zeros, **g}, sep="/")
-    return grads, dict(metrics, loss=loss), extra_out
+    return g, dict(metrics, loss=loss), extra_out
+
+  def full_grads(params, trainable, grads):
+    """Trainable grads -> a tree like params, the frozen leaves' zero."""
+    if trainable is None:
+      return grads
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    zeros = {k: jnp.zeros_like(v) for k, v in flat.items() if k not in trainable}
+    return flax.traverse_util.unflatten_dict({**zeros, **grads}, sep="/")
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
+    trainable = optim.trainable_paths(state.params, opt_cfg) if opt_cfg is not None else None
     if grad_accum_steps == 1:
-      grads, metrics, extra = grads_of(state.params, state.extra, batch, rng)
+      grads, metrics, extra = grads_of(state.params, trainable, state.extra, batch, rng)
     else:
       # Microbatch i takes examples i, i+A, ...: a reshape that keeps the batch dim sharded.
       micro = jax.tree.map(
@@ -79,13 +87,17 @@ def make_default_train_step(method, tx, schedule, grad_accum_steps: int, opt_cfg
       def body(carry, xs):
         acc, extra = carry
         i, mb = xs
-        g, m, extra = grads_of(state.params, extra, mb, jax.random.fold_in(rng, i))
+        g, m, extra = grads_of(state.params, trainable, extra, mb, jax.random.fold_in(rng, i))
         return (jax.tree.map(jnp.add, acc, g), extra), m
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      like = state.params if trainable is None else {
+          k: v for k, v in flax.traverse_util.flatten_dict(state.params, sep="/").items()
+          if k in trainable}
+      zeros = jax.tree.map(jnp.zeros_like, like)  # the accumulator: trainable leaves only
       (grads, extra), metrics = jax.lax.scan(
           body, (zeros, state.extra), (jnp.arange(grad_accum_steps), micro))
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
       metrics = jax.tree.map(jnp.mean, metrics)
+    grads = full_grads(state.params, trainable, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = method.after_update(optax.apply_updates(state.params, updates))
     metrics = {f"train/{k}": v for k, v in metrics.items()}

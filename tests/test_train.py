@@ -145,12 +145,15 @@ def test_transfer_shape_mismatch_names_parameter(data_dir, tmp_path, uninterrupt
     train.train_and_evaluate(c, str(tmp_path / "mismatch"), devices=jax.devices()[:1])
 
 
-def test_grad_accumulation_matches_full_batch(data_dir, tmp_path):
-  """Accumulating 4 microbatches of 4 = one batch of 16 (mean loss), to float round-off."""
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_grad_accumulation_matches_full_batch(data_dir, tmp_path, peft):
+  """Accumulating 4 microbatches of 4 = one batch of 16 (mean loss), to float round-off; with
+  frozen leaves (LoRA) only the trainable leaves' grads are accumulated."""
   runs = {}
   for accum in (1, 4):
     c = _config(data_dir, steps=3)
     c.grad_accum_steps = accum
+    c.peft.method = peft
     runs[accum], _ = train.train_and_evaluate(c, str(tmp_path / f"acc{accum}"),
                                               devices=jax.devices()[:1])
   _assert_same_params(runs[1].params, runs[4].params, rtol=1e-4, atol=1e-6)
