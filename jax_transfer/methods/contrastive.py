@@ -11,6 +11,16 @@ config.contrastive:
   zero_shot       {attribute: [prompt templates with '{}']} for the zero-shot evaluator; class
                   names come from the dataset's ClassLabel names.
   retrieval_limit / probe_train_limit / probe_shots: evaluator sizes.
+  zero_shot_head  '' (default): the contrastive loss above. Else comma-separated zero_shot
+                  attributes, e.g. 'color': train a classifier of each instead (the mean of
+                  their cross-entropies on the batch's label columns), whose head is the
+                  zero-shot classifier itself: the text tower's embeddings of the attribute's
+                  prompts (every class name in each of its zero_shot templates, averaged over
+                  templates and re-normalised, as ZeroShotEvaluator), logits
+                  exp(logit_scale) * zimg @ head.T. With the text tower frozen
+                  (optimizer.trainable_regex='^img': image tower and its projection) this is
+                  the frozen zero-shot head of task-vector fine-tuning (Ilharco et al. 2023);
+                  with it trainable the head moves with the text tower. Captions are unused.
 Negatives come from the whole global batch, across all devices, for every loss.
 """
 from __future__ import annotations
@@ -72,6 +82,12 @@ def get_tokenizer(config, workdir: str | None) -> Tokenizer:
   return tok
 
 
+def head_attributes(config) -> list[str]:
+  """contrastive.zero_shot_head as a list ([] for the contrastive loss)."""
+  return [a.strip() for a in (config.contrastive.get("zero_shot_head") or "").split(",")
+          if a.strip()]
+
+
 class Contrastive(Method):
 
   @staticmethod
@@ -91,6 +107,11 @@ class Contrastive(Method):
       if key not in attributes:
         raise config_lib.ConfigError(f"contrastive.zero_shot.{key}: {config.input.dataset} has"
                                      f" no such label; allowed: {sorted(attributes)}")
+    for key in head_attributes(config):
+      if key not in c.zero_shot:
+        raise config_lib.ConfigError(f"contrastive.zero_shot_head: {key!r} is not one of "
+                                     f"contrastive.zero_shot's attributes {sorted(c.zero_shot)}"
+                                     f" (its prompts make the head)")
 
   def __init__(self, config, mesh, workdir=None):
     super().__init__(config, mesh, workdir)
@@ -102,8 +123,16 @@ class Contrastive(Method):
     self.image_shape = data.image_shape(config.input)
     self.loss = losses.get_contrastive_loss(config.contrastive.loss,
                                             chunked=config.contrastive.chunked_loss, mesh=mesh)
+    # zero_shot_head: {attribute: (prompt tokens [C * T, L], T)}, class-major as the evaluator.
+    self.heads = {}
+    for key in head_attributes(config):
+      templates = list(config.contrastive.zero_shot[key])
+      prompts = [t.format(name) for name in self.attributes[key] for t in templates]
+      self.heads[key] = (np.asarray(self.tokenizer.encode(prompts)), len(templates))
 
   def host_batch(self, batch):
+    if self.heads:
+      return {"image": batch["image"], **{k: np.asarray(batch[k], np.int32) for k in self.heads}}
     captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
     return {"image": batch["image"], "tokens": self.tokenizer.encode(captions)}
 
@@ -112,7 +141,26 @@ class Contrastive(Method):
     tokens = jnp.zeros((1, self.config.model.context_length), jnp.int32)
     return self.model.init({"params": rng}, images, tokens)["params"]
 
+  def zero_shot_head(self, params, key):
+    """[C, E]: the zero-shot classifier of attribute `key` (contrastive.zero_shot_head)."""
+    tokens, t = self.heads[key]
+    z = self.encode_text(params, tokens)
+    z = z.reshape(z.shape[0] // t, t, -1).mean(axis=1)
+    return z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True))
+
   def loss_fn(self, params, extra, batch, rng):
+    if self.heads:
+      (zimg, _), aux = self.model.apply({"params": params}, batch["image"], None, train=True,
+                                        rngs={"dropout": rng})
+      scale = jnp.exp(aux["logit_scale"])
+      metrics, total = {}, 0.0
+      for key in self.heads:
+        logits = scale * zimg @ self.zero_shot_head(params, key).T
+        labels = batch[key]
+        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+        metrics[f"{key}_acc"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+        total = total + ce / len(self.heads)
+      return total, (metrics, extra)
     (zimg, ztxt), aux = self.model.apply({"params": params}, batch["image"], batch["tokens"],
                                          train=True, rngs={"dropout": rng})
     loss, metrics = self.loss(zimg, ztxt, aux["logit_scale"], aux["logit_bias"])

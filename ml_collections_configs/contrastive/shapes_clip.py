@@ -6,7 +6,11 @@ webdataset shards (`shapes_wds`: 8 img2dataset-style tars of captioned shape JPE
 built on first use) instead of the shapes_captions train split, evaluating on shapes_captions'
 test split as usual; `runlocal` for a smoke-sized run; `init=DIR` to fine-tune an export,
 e.g. a published CLIP / SigLIP checkpoint imported by jax_transfer.tools.import_checkpoint (its
-model, loss, tokenizer, image size and normalisation; config.init_from_export). Measured, `:clip,wds,runlocal`
+model, loss, tokenizer, image size and normalisation; config.init_from_export); `head=ATTR`
+(or `head=A+B`, with `init=`) to fine-tune the image tower only (optimizer.trainable_regex
+'^img': img/ and img_proj/; the text tower frozen) as a classifier of that attribute on its
+frozen zero-shot head (contrastive.zero_shot_head; the task-vector fine-tunes of
+experiments/merging/merge_clip.py). Measured, `:clip,wds,runlocal`
 (20 steps of batch 32 from the shards, 2 CPU cores, Intel Xeon, loaded machine): 33 s for
 train_and_evaluate, zero-shot mean accuracy 0.378 (a smoke run, far from converged).
 
@@ -67,7 +71,12 @@ def get_config(arg: str = ""):
           color=[f"a {{}} {s}" for s in SHAPES],
           size=[f"a {{}} {s}" for s in SHAPES],
           position=[f"a {s} at the {{}}" for s in SHAPES]),
-      retrieval_limit=1000, probe_train_limit=2000, probe_shots=[5]))
+      retrieval_limit=1000, probe_train_limit=2000, probe_shots=[5],
+      zero_shot_head=""))  # '' = the contrastive loss; see jax_transfer/methods/contrastive.py
+  head = next((a[len("head="):] for a in args if a.startswith("head=")), None)
+  if head:
+    c.contrastive.zero_shot_head = head.replace("+", ",")
+    c.optimizer.trainable_regex = "^img"
 
   if "wds" in args:
     from jax_transfer.data import builders  # pylint: disable=g-import-not-at-top
