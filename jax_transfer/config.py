@@ -312,6 +312,15 @@ def validate(config, num_devices: int) -> None:
                         f" allowed: {sorted(axes)}")
 
 
+def use_export_tokenizer(c: ml_collections.ConfigDict, export_dir: str) -> None:
+  """A contrastive config `c` reads the export's tokenizer.json (when it has one) instead of
+  training a word tokenizer on the captions again."""
+  import os  # pylint: disable=g-import-not-at-top
+  tok = os.path.join(export_dir, "tokenizer.json")
+  if c.get("contrastive") is not None and os.path.exists(tok):
+    c.contrastive.tokenizer_path = tok
+
+
 def init_from_export(c: ml_collections.ConfigDict, export_dir: str, *,
                      keep_head: bool) -> ml_collections.ConfigDict:
   """Fine-tune an export (a run's, or an imported published checkpoint's) with config `c`:
@@ -342,9 +351,7 @@ def init_from_export(c: ml_collections.ConfigDict, export_dir: str, *,
   if norm.startswith(("value_range", "normalize")):
     c.input.pp = f'decode|resize({size}, "pil_bilinear")|{norm}' if size else ""
     c.input.pp_eval = c.input.pp
-  tok = os.path.join(export_dir, "tokenizer.json")
-  if c.get("contrastive") is not None and os.path.exists(tok):
-    c.contrastive.tokenizer_path = tok
+  use_export_tokenizer(c, export_dir)
   if exported.get("contrastive") is not None and c.get("contrastive") is not None:
     c.contrastive.loss = exported.contrastive.loss
   return c

@@ -37,7 +37,6 @@ classification head, are the base's in the output and take no part):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -245,11 +244,12 @@ def _flat(tree):
 def export_layout(export_dir: str, mesh, rules):
   """(config, {path: ShapeDtypeStruct}, {path: NamedSharding}) of an export's parameters, in
   the export's per-block layout, from the model rebuilt by its config (traced, nothing run)."""
-  from jax_transfer import checkpoint, methods, parallel
+  from jax_transfer import checkpoint, config as config_lib, methods, parallel
   config = checkpoint.load_export_config(export_dir)
   probe = ml_collections.ConfigDict(config.to_dict())
   if "model" in probe and "scan_layers" in probe.model:
     probe.model.scan_layers = False  # exports are per-block
+  config_lib.use_export_tokenizer(probe, export_dir)  # not a tokenizer trained again
   method = methods.get_method(probe.method)(probe, mesh)
   boxed = jax.eval_shape(method.init_params, jax.random.key(0))
   shardings = _flat(parallel.logical_to_shardings(boxed, mesh, rules))
@@ -280,6 +280,7 @@ def _shapes(export_dir: str) -> dict:
 def check_mergeable(base: str, models: Sequence[str], skip_regex: str) -> list[str]:
   """The parameter paths to merge; MergeError naming the export and the first differences
   when an export has another architecture or was fine-tuned from another base."""
+  from jax_transfer import checkpoint
   skip = re.compile(skip_regex)
   want = _shapes(base)
   keys = sorted(k for k in want if not skip.search(k))
@@ -295,8 +296,7 @@ def check_mergeable(base: str, models: Sequence[str], skip_regex: str) -> list[s
           + (f"{len(missing)} parameters missing (e.g. {missing[:3]}); " if missing else "")
           + (f"{len(wrong)} of another shape (e.g. {wrong[:3]})" if wrong else "")
           + " (merge only fine-tunes of one model; --skip_regex leaves out task heads)")
-    with open(os.path.join(m, "config.json")) as f:
-      init = (json.load(f).get("init") or {}).get("export_dir")
+    init = (checkpoint.load_export_config(m).get("init") or {}).get("export_dir")
     if init and os.path.realpath(init) != os.path.realpath(base):
       raise MergeError(f"{m} was fine-tuned from init.export_dir={init!r}, not from "
                        f"--base={base}: its task vector would not be θ_ft − θ_base")
@@ -323,8 +323,8 @@ def merge_exports(base: str, models: Sequence[str], method: str, *, scale: float
   if bad:
     raise MergeError(f"--negate={list(negate)}: indices out of range for {len(models)} models")
   keys = check_mergeable(base, models, skip_regex)
-  with open(os.path.join(base, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  from jax_transfer import checkpoint
+  cfg = checkpoint.load_export_config(base)
   devices = list(devices if devices is not None else jax.devices())
   # No batch here: every device on 'fsdp', so each leaf is split by the base's sharding rules
   # ('embed' -> fsdp by default) across all of them.

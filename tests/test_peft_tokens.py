@@ -24,17 +24,7 @@ from jax_transfer import config as config_lib, peft, train
 from jax_transfer.models import make_two_towers, make_vit
 from jax_transfer.models import vit as vit_lib
 from jax_transfer.models.text import TextTransformer
-
-
-def _cfg(**fields):
-  from ml_collections_configs.supervised import digits_vit
-  c = digits_vit.get_config("runlocal")
-  c.peft.update(fields)
-  return c
-
-
-def _flat(tree):
-  return flax.traverse_util.flatten_dict(nn.unbox(tree), sep="/")
+from test_peft import _cfg, _flat  # digits_vit:runlocal with config.peft; unboxed flat params
 
 
 def _unflat(flat):

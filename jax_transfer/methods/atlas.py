@@ -85,10 +85,9 @@ class Atlas(Method):
       raise config_lib.ConfigError(f"atlas.base={a.get('base')!r} and atlas.tasks={tasks!r}: "
                                    f"both are needed (the pre-trained export and >= 1 "
                                    f"fine-tuned export)")
-    if a.get("method", "supervised") in ("atlas",) or a.get("method", "supervised") not in (
-        methods.METHODS):
-      raise config_lib.ConfigError(f"atlas.method={a.get('method')!r}; allowed: "
-                                   f"{sorted(set(methods.METHODS) - {'atlas'})}")
+    allowed = sorted(set(methods.METHODS) - {"atlas"})
+    if a.get("method", "supervised") not in allowed:
+      raise config_lib.ConfigError(f"atlas.method={a.get('method')!r}; allowed: {allowed}")
     if (config.get("peft") or {}).get("method", "none") != "none" or (
         config.optimizer.trainable_regex not in ("", ".*")):
       raise config_lib.ConfigError("method='atlas' trains its coefficients only: leave "

@@ -25,7 +25,9 @@ Arguments (comma-separated): `clip` (default) | `siglip`;
             pretrained CLIP export (jax_transfer.tools.import_checkpoint) with
             --config.init.export_dir=DIR; --config.peft.frozen_dtype=bfloat16 also stores
             the frozen weights in bf16. Per-device memory next to full training's:
-            benchmarks/RESULTS.md, "PEFT memory". Works with the other arguments.
+            benchmarks/RESULTS.md, "PEFT memory"
+            (compiled on 8 simulated CPU devices; no LoRA run was trained on pod
+            hardware: no accelerator was available). Works with the other arguments.
   runlocal  the embedded shapes_captions data, a mu/4 image tower and a 2-layer text tower,
             batch 32 as 2 microbatches of 16, 20 steps, float32, with remat on.
 

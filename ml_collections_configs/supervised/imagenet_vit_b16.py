@@ -30,7 +30,9 @@ Arguments (comma-separated, e.g. `:gpu8,ep90`):
             init.skip_regex='^head/'); --config.peft.frozen_dtype=bfloat16 also stores the
             frozen weights in bf16. The rest of the recipe is the from-scratch one (shorten
             it with ep90 or total_steps). Per-device memory next to full training's:
-            benchmarks/RESULTS.md, "PEFT memory". Works with every other argument.
+            benchmarks/RESULTS.md, "PEFT memory"
+            (compiled on 8 simulated CPU devices; no LoRA run was trained on pod
+            hardware: no accelerator was available). Works with every other argument.
   runlocal  shrink to something this CPU runs in seconds: the embedded 'digits' (8x8x1),
             classes 0-4, ViT-mu/2, batch 32, 20 steps, float32, no remat, mesh data=-1.
 
