@@ -472,15 +472,21 @@ class OutputExistsError(FileExistsError):
   """An export's output directory is not empty and replacing it was not asked for."""
 
 
+def check_output_dir(out: str, overwrite: bool = False) -> None:
+  """OutputExistsError naming `out` when it is a non-empty directory and not to be replaced
+  (callers with long work before the write check first)."""
+  if os.path.exists(out) and os.listdir(out) and not overwrite:
+    raise OutputExistsError(f"--out={out} exists and is not empty; pass --overwrite or "
+                            f"choose another directory")
+
+
 def write_dir_atomically(out: str, write, overwrite: bool = False) -> None:
   """Runs write(tmp) on a temporary sibling of `out`, then renames it into place, so a failed
   or interrupted write leaves `out` as it was. A non-empty `out` is refused (OutputExistsError
   naming it) unless overwrite, and then replaced only once the new one is complete."""
   import tempfile
   out = os.path.abspath(out)
-  if os.path.exists(out) and os.listdir(out) and not overwrite:
-    raise OutputExistsError(f"--out={out} exists and is not empty; pass --overwrite or "
-                            f"choose another directory")
+  check_output_dir(out, overwrite)
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)

@@ -1,7 +1,8 @@
 r"""Weight-space transfer: merging exports of one architecture into a standard export.
 
   python -m jax_transfer.merge --base=PRETRAINED --models=FT_A,FT_B,... --method=METHOD \
-      [--scale=1.0] [--out=DIR] [--skip_regex='^head/'] [--overwrite] [method options]
+      [--scale=1.0 | --scales=0:1:0.05 --val_split=SPLIT] [--out=DIR] [--skip_regex='^head/']
+      [--overwrite] [method options]
 
 Every merge is a jitted tree map over the parameters laid out on a device mesh (each leaf
 sharded by the model's logical axes, `parallel.logical_to_shardings`), so no host ever holds
@@ -33,10 +34,17 @@ classification head, are the base's in the output and take no part):
                    `diagonal_fisher` computes from per-example gradients of the model's
                    log-likelihood on its own training data (--fisher_examples, --fisher_labels:
                    'expected' over the predicted class distribution, or 'sampled' labels).
+
+--scales (wise_ft, task_arithmetic, ties) chooses the scale on validation data as the task-vector
+papers do (`sweep_scales`): each model's task accuracy on --val_split, read by its own method's
+evaluator with its own head (the --skip_regex parameters), divided by that fine-tune's own
+accuracy there; the scale with the highest average normalised accuracy is merged and written,
+the sweep recorded in the export's config (`merge.sweep`).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -241,16 +249,26 @@ def _flat(tree):
   return flax.traverse_util.flatten_dict(tree, sep="/")
 
 
-def export_layout(export_dir: str, mesh, rules):
-  """(config, {path: ShapeDtypeStruct}, {path: NamedSharding}) of an export's parameters, in
-  the export's per-block layout, from the model rebuilt by its config (traced, nothing run)."""
-  from jax_transfer import checkpoint, config as config_lib, methods, parallel
+def export_method(export_dir: str, mesh, eval_split: Optional[str] = None):
+  """(export config, method object) of an export, its model in the export's per-block layout
+  and its tokenizer the export's; `eval_split` replaces config.eval.split (its evaluators')."""
+  from jax_transfer import checkpoint, config as config_lib, methods
   config = checkpoint.load_export_config(export_dir)
   probe = ml_collections.ConfigDict(config.to_dict())
   if "model" in probe and "scan_layers" in probe.model:
     probe.model.scan_layers = False  # exports are per-block
   config_lib.use_export_tokenizer(probe, export_dir)  # not a tokenizer trained again
-  method = methods.get_method(probe.method)(probe, mesh)
+  if eval_split is not None:
+    probe.eval.split = eval_split
+  return config, methods.get_method(probe.method)(probe, mesh)
+
+
+def export_layout(export_dir: str, mesh, rules, built=None):
+  """(config, {path: ShapeDtypeStruct}, {path: NamedSharding}) of an export's parameters, in
+  the export's per-block layout, from the model rebuilt by its config (traced, nothing run);
+  `built`: export_method's (config, method) when the caller has them."""
+  from jax_transfer import parallel
+  config, method = built or export_method(export_dir, mesh)
   boxed = jax.eval_shape(method.init_params, jax.random.key(0))
   shardings = _flat(parallel.logical_to_shardings(boxed, mesh, rules))
   abstract = _flat(nn.unbox(boxed))
@@ -303,6 +321,19 @@ def check_mergeable(base: str, models: Sequence[str], skip_regex: str) -> list[s
   return keys
 
 
+def merge_mesh(devices=None, mesh: Optional[dict] = None):
+  """The merge's mesh: no batch, every device on 'fsdp', so each leaf is split by the base's
+  sharding rules ('embed' -> fsdp by default) across all of them."""
+  from jax_transfer import parallel
+  devices = list(devices if devices is not None else jax.devices())
+  return parallel.make_mesh(ml_collections.ConfigDict(mesh or MERGE_MESH), devices)
+
+
+def _rules(config):
+  from jax_transfer import parallel
+  return parallel.rules_from_config(config.get("sharding_rules") or parallel.DEFAULT_RULES)
+
+
 def merge_exports(base: str, models: Sequence[str], method: str, *, scale: float = 1.0,
                   skip_regex: str = r"^head/", negate: Sequence[int] = (), top_k: float = 0.2,
                   scope: str = "global", weights: Optional[Sequence[float]] = None,
@@ -325,12 +356,8 @@ def merge_exports(base: str, models: Sequence[str], method: str, *, scale: float
   keys = check_mergeable(base, models, skip_regex)
   from jax_transfer import checkpoint
   cfg = checkpoint.load_export_config(base)
-  devices = list(devices if devices is not None else jax.devices())
-  # No batch here: every device on 'fsdp', so each leaf is split by the base's sharding rules
-  # ('embed' -> fsdp by default) across all of them.
-  mesh = parallel.make_mesh(ml_collections.ConfigDict(mesh or MERGE_MESH), devices)
-  rules = parallel.rules_from_config(cfg.get("sharding_rules") or parallel.DEFAULT_RULES)
-  _, abstract, shardings = export_layout(base, mesh, rules)
+  mesh = merge_mesh(devices, mesh)
+  _, abstract, shardings = export_layout(base, mesh, _rules(cfg))
   missing = [k for k in keys if k not in shardings]
   if missing:
     raise MergeError(f"{base}'s parameters {missing[:3]} are not those of its config's model")
@@ -359,6 +386,142 @@ def merge_exports(base: str, models: Sequence[str], method: str, *, scale: float
   return {**theta0, **merged}, cfg
 
 
+# ------------------------------------------------------------------------ Scale sweeps.
+
+SCALED = ("wise_ft", "task_arithmetic", "ties")
+
+
+def parse_scales(spec: str) -> list[float]:
+  """'START:STOP:STEP' (START to STOP inclusive) or 'a,b,c' -> the scales, sorted."""
+  try:
+    if ":" in spec:
+      start, stop, step = (float(x) for x in spec.split(":"))
+      if step <= 0 or stop < start:
+        raise ValueError
+      out = [round(start + i * step, 10)
+             for i in range(int(math.floor((stop - start) / step + 1e-9)) + 1)]
+    else:
+      out = [float(x) for x in spec.split(",") if x.strip()]
+    if not out or not all(math.isfinite(x) for x in out):
+      raise ValueError
+  except ValueError:
+    raise MergeError(f"--scales={spec!r}: expected START:STOP:STEP (STOP >= START, STEP > 0), "
+                     "e.g. 0:1:0.05, or a comma-separated list") from None
+  return sorted(set(out))
+
+
+def task_metric(config, metric: Optional[str] = None) -> tuple[str, str]:
+  """(evaluator name, result key) of the accuracy a fine-tune's task is read by: --val_metric
+  'EVALUATOR/KEY', by default a supervised export's 'eval/accuracy' or, for a contrastive
+  fine-tune with one contrastive.zero_shot_head A, 'zero_shot/A_accuracy'."""
+  if metric:
+    name, sep, key = metric.partition("/")
+    if not (sep and name and key):
+      raise MergeError(f"--val_metric={metric!r}: expected EVALUATOR/KEY, e.g. eval/accuracy")
+    return name, key
+  if config.method == "supervised":
+    return "eval", "accuracy"
+  if config.method == "contrastive":
+    from jax_transfer.methods.contrastive import head_attributes
+    heads = head_attributes(config)
+    if len(heads) == 1:
+      return "zero_shot", f"{heads[0]}_accuracy"
+  raise MergeError(f"a method={config.method!r} export has no default task accuracy (a "
+                   "supervised classifier or a contrastive fine-tune with one "
+                   "contrastive.zero_shot_head has one): pass --val_metric=EVALUATOR/KEY")
+
+
+class TaskAccuracy:
+  """One fine-tune's task accuracy of any parameters of its architecture (flat, on the merge's
+  mesh) on `split`, by its method's own evaluator, compiled once. The parameters matching
+  `skip_regex` (the task head, which is not merged) are the fine-tune's own: each task is
+  read with its own head, as the task-vector papers evaluate a merged encoder."""
+
+  def __init__(self, export_dir: str, split: str, mesh, rules, skip_regex: str,
+               metric: Optional[str] = None):
+    from jax_transfer import data
+    built = export_method(export_dir, mesh, eval_split=split)
+    config, method = built
+    self.name, self.key = task_metric(config, metric)
+    evaluators = [e for e in method.evaluators() if e.name == self.name]
+    if not evaluators:
+      raise MergeError(f"--val_metric: {export_dir}'s method has no evaluator {self.name!r}")
+    self.evaluator, self.mesh, self.rules, self.export_dir = evaluators[0], mesh, rules, export_dir
+    try:  # a split the dataset lacks fails here, before any merge
+      next(iter(data.make_eval_iterator(method.config.input, split,
+                                        batch_size=method.config.eval.batch_size)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise MergeError(f"--val_split={split!r} cannot be read from {export_dir}'s dataset "
+                       f"{method.config.input.get('dataset')!r}: {e}") from e
+    _, _, shardings = export_layout(export_dir, mesh, rules, built)
+    self.own = load_sharded(export_dir, list(_shapes(export_dir)), shardings)
+    skip = re.compile(skip_regex)
+    self.head = {k: v for k, v in self.own.items() if skip.search(k)}
+
+  def __call__(self, flat: dict) -> float:
+    from jax_transfer import checkpoint, parallel
+    with jax.set_mesh(self.mesh), parallel.with_sharding_rules(self.rules):
+      result = self.evaluator.run(checkpoint.unflatten({**flat, **self.head}))
+    if self.key not in result:
+      raise MergeError(f"--val_metric: evaluator {self.name!r} reports {sorted(result)}, "
+                       f"not {self.key!r}")
+    return float(result[self.key])
+
+
+def sweep_scales(base: str, models: Sequence[str], method: str, scales: Sequence[float],
+                 val_split: str, *, val_metric: Optional[str] = None,
+                 skip_regex: str = r"^head/", devices=None, mesh: Optional[dict] = None,
+                 **merge_kw) -> tuple[float, dict]:
+  """The scale of `method` chosen on validation data, as the task-vector papers choose it:
+  every λ in `scales` on the line θ(λ) = θ_0 + λ (θ_1 − θ_0), θ_1 the merge at scale 1
+  (wise_ft, task_arithmetic and ties are all of this form: TIES' trim, elect and mean do not
+  depend on λ), so a sweep is one merge and one compiled line whatever its length. Each
+  model's task accuracy on `val_split` (TaskAccuracy) is normalised by the fine-tune's own
+  (acc / acc_finetuned); the chosen λ has the highest average normalised accuracy (the
+  smallest such λ on ties). Returns (λ, {'own', 'rows', 'split', 'metric'})."""
+  if method not in SCALED:
+    raise MergeError(f"--scales: --method={method} has no scale (sweeps: {', '.join(SCALED)})")
+  if not val_split:
+    raise MergeError("--scales needs --val_split: a split of the fine-tunes' dataset to choose "
+                     "the scale on (e.g. 'train[90%:]'), not the split results are reported on")
+  from jax_transfer import checkpoint
+  check_mergeable(base, models, skip_regex)
+  mesh_obj = merge_mesh(devices, mesh)
+  rules = _rules(checkpoint.load_export_config(base))
+  tasks = [TaskAccuracy(m, val_split, mesh_obj, rules, skip_regex, val_metric) for m in models]
+  own = [t(t.own) for t in tasks]
+  for m, o in zip(models, own):
+    if o <= 0:
+      raise MergeError(f"{m} has accuracy 0 on --val_split={val_split!r}: nothing to "
+                       "normalise by")
+  theta1, _ = merge_exports(base, models, method, scale=1.0, skip_regex=skip_regex,
+                            devices=devices, mesh=mesh, **merge_kw)
+  theta0 = load_sharded(base, list(theta1), {k: v.sharding for k, v in theta1.items()})
+  line = jax.jit(lambda t0, t1, lam: _map(lambda a, b: a + lam * (b - a), t0, t1))
+  rows = []
+  for lam in scales:
+    flat = line(theta0, theta1, jnp.float32(lam))
+    acc = [t(flat) for t in tasks]
+    norm = [a / o for a, o in zip(acc, own)]
+    rows.append(dict(scale=float(lam), accuracy=acc, normalised=norm,
+                     avg_normalised=float(np.mean(norm))))
+  best = max(rows, key=lambda r: r["avg_normalised"])  # max keeps the first: the smallest λ
+  return best["scale"], dict(own=own, rows=rows, split=val_split,
+                             metric=f"{tasks[0].name}/{tasks[0].key}")
+
+
+def sweep_table(models: Sequence[str], sweep: dict, chosen: float) -> str:
+  names = [os.path.basename(os.path.normpath(m)) for m in models]
+  lines = [f"scale sweep on {sweep['split']} ({sweep['metric']}; fine-tunes' own: "
+           + ", ".join(f"{n} {o:.4f}" for n, o in zip(names, sweep["own"])) + ")",
+           "scale  " + "  ".join(f"{n:>10}" for n in names) + "  avg normalised"]
+  for r in sweep["rows"]:
+    lines.append(f"{r['scale']:<6g} " + "  ".join(f"{a:>10.4f}" for a in r["accuracy"])
+                 + f"  {r['avg_normalised']:.4f}" + ("  <- chosen" if r["scale"] == chosen
+                                                     else ""))
+  return "\n".join(lines)
+
+
 def write(merged_flat: dict, config, base: str, out: str, overwrite: bool = False,
           provenance: Optional[dict] = None) -> None:
   """A standard export of the merged parameters with the base's config (plus a `merge`
@@ -381,8 +544,15 @@ def build_parser(prog="python -m jax_transfer.merge"):
   p.add_argument("--models", required=True, help="comma-separated fine-tuned exports")
   p.add_argument("--method", required=True, choices=METHODS)
   p.add_argument("--out", required=True)
-  p.add_argument("--scale", type=float, default=1.0,
-                 help="wise_ft: alpha; task_arithmetic / ties: lambda")
+  p.add_argument("--scale", type=float, default=None,
+                 help="wise_ft: alpha; task_arithmetic / ties: lambda (default 1)")
+  p.add_argument("--scales", default="",
+                 help="instead of --scale: a sweep START:STOP:STEP (or a,b,c), each scale "
+                      "read on --val_split, the best average normalised accuracy chosen")
+  p.add_argument("--val_split", default="", help="--scales: the split the scale is chosen on")
+  p.add_argument("--val_metric", default="",
+                 help="--scales: EVALUATOR/KEY of the task accuracy (default: eval/accuracy, "
+                      "or zero_shot/A_accuracy for a contrastive zero_shot_head=A fine-tune)")
   p.add_argument("--skip_regex", default=r"^head/",
                  help="params taken from the base, not merged (default: the head)")
   p.add_argument("--negate", default="", help="task_arithmetic: indices of models to subtract")
@@ -409,20 +579,32 @@ def main(argv=None) -> int:
                  for m in models]
     negate = [int(i) for i in args.negate.split(",") if i]
     weights = [float(w) for w in args.weights.split(",") if w] or None
+    scale, sweep = (1.0 if args.scale is None else args.scale), None
+    if args.scales:
+      if args.scale is not None:
+        raise MergeError("give --scale or --scales, not both")
+      from jax_transfer import checkpoint
+      checkpoint.check_output_dir(os.path.abspath(args.out), args.overwrite)  # before the sweep
+      scale, sweep = sweep_scales(
+          args.base, models, args.method, parse_scales(args.scales), args.val_split,
+          val_metric=args.val_metric or None, skip_regex=args.skip_regex, negate=negate,
+          top_k=args.top_k, scope=args.scope)
+      print(sweep_table(models, sweep, scale))
     merged, config = merge_exports(
-        args.base, models, args.method, scale=args.scale, skip_regex=args.skip_regex,
+        args.base, models, args.method, scale=scale, skip_regex=args.skip_regex,
         negate=negate, top_k=args.top_k, scope=args.scope, weights=weights,
         fishers=fishers, fisher_floor=args.fisher_floor,
         normalize_fishers=args.normalize_fishers)
     write(merged, config, args.base, args.out, args.overwrite,
           provenance=dict(method=args.method, base=os.path.abspath(args.base),
-                          models=[os.path.abspath(m) for m in models], scale=args.scale,
+                          models=[os.path.abspath(m) for m in models], scale=scale,
                           skip_regex=args.skip_regex, negate=negate, top_k=args.top_k,
-                          scope=args.scope))
+                          scope=args.scope, **({"sweep": sweep} if sweep else {})))
   except (MergeError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"merged {len(models)} model(s) onto {args.base} by {args.method} -> {args.out}")
+  print(f"merged {len(models)} model(s) onto {args.base} by {args.method} at scale {scale:g} "
+        f"-> {args.out}")
   return 0
 
 

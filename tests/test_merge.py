@@ -196,3 +196,67 @@ def test_cli_fisher_merge_equals_the_formula_on_each_models_fisher(exports, tmp_
   got = checkpoint.flatten(checkpoint.load_export_params(out))
   for k in keys:
     np.testing.assert_allclose(got[k], np.asarray(want[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_cli_scale_sweep_chooses_by_average_normalised_accuracy(exports, tmp_path, capsys):
+  """--scales: each λ's task accuracy (the merged encoder with each fine-tune's own head) on
+  --val_split over the fine-tune's own, the best average written; equal on 1 and 8 devices."""
+  from jax_transfer.evaluators.classification import ClassificationEvaluator
+  base, models = exports["base"], exports["models"][:2]
+  out, split = str(tmp_path / "swept"), "train[:64]"
+  assert merge.main([f"--base={base}", f"--models={','.join(models)}",
+                     "--method=task_arithmetic", "--scales=0:1:0.5", f"--val_split={split}",
+                     f"--out={out}"]) == 0
+  printed = capsys.readouterr().out
+  config = checkpoint.load_export_config(out)
+  sweep = config.merge.sweep.to_dict()
+  assert [r["scale"] for r in sweep["rows"]] == [0.0, 0.5, 1.0]
+  assert sweep["metric"] == "eval/accuracy" and "<- chosen" in printed
+
+  def accuracy(flat, head_from):  # independently: the model's classifier on the split
+    c = checkpoint.load_export_config(head_from)
+    method = merge.export_method(head_from, merge.merge_mesh(jax.devices()[:1]), split)[1]
+    ev = ClassificationEvaluator(method.predict, c.input, split, 64, method.mesh, 1)
+    head = {k: v for k, v in checkpoint.flatten(checkpoint.load_export_params(head_from)).items()
+            if k.startswith("head/")}
+    return ev.run(checkpoint.unflatten({**flat, **head}))["accuracy"]
+
+  own = [accuracy(checkpoint.flatten(checkpoint.load_export_params(m)), m) for m in models]
+  np.testing.assert_allclose(sweep["own"], own)
+  theta0 = checkpoint.flatten(checkpoint.load_export_params(base))
+  np.testing.assert_allclose(sweep["rows"][0]["accuracy"], [accuracy(theta0, m) for m in models])
+  for r in sweep["rows"]:
+    np.testing.assert_allclose(r["normalised"], np.array(r["accuracy"]) / own)
+    np.testing.assert_allclose(r["avg_normalised"], np.mean(r["normalised"]))
+  best = max(sweep["rows"], key=lambda r: r["avg_normalised"])
+  assert config.merge.scale == best["scale"]
+  want, _ = merge.merge_exports(base, models, "task_arithmetic", scale=best["scale"])
+  got = checkpoint.flatten(checkpoint.load_export_params(out))
+  for k in want:
+    np.testing.assert_allclose(got[k], np.asarray(want[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+  chosen1, sweep1 = merge.sweep_scales(base, models, "task_arithmetic", [0.0, 0.5, 1.0], split,
+                                       devices=jax.devices()[:1])
+  assert chosen1 == best["scale"]
+  for r1, r8 in zip(sweep1["rows"], sweep["rows"]):
+    np.testing.assert_allclose(r1["accuracy"], r8["accuracy"])
+
+  bad = str(tmp_path / "bad")
+  for argv, pattern in [
+      (["--method=average", "--scales=0:1:0.5", f"--val_split={split}"], "has no scale"),
+      (["--method=ties", "--scales=0:1", f"--val_split={split}"], "--scales='0:1'"),
+      (["--method=ties", "--scales=1:0:0.1", f"--val_split={split}"], "START:STOP:STEP"),
+      (["--method=ties", "--scales=0:1:0.5"], "needs --val_split"),
+      (["--method=ties", "--scales=0:1:0.5", "--scale=1", f"--val_split={split}"], "not both"),
+      (["--method=ties", "--scales=0:1:0.5", "--val_split=nosuch"], "--val_split='nosuch'"),
+      (["--method=ties", "--scales=0:1:0.5", f"--val_split={split}", "--val_metric=eval"],
+       "EVALUATOR/KEY"),
+      (["--method=ties", "--scales=0:1:0.5", f"--val_split={split}", "--val_metric=zs/acc"],
+       "no evaluator 'zs'"),
+  ]:
+    assert merge.main([f"--base={base}", f"--models={','.join(models)}", f"--out={bad}",
+                       *argv]) == 2, argv
+    assert pattern in capsys.readouterr().err, argv
+  assert not os.path.exists(bad)
+  assert merge.main([f"--base={base}", f"--models={models[0]}", f"--out={out}",
+                     "--method=wise_ft", "--scales=0:1:0.5", f"--val_split={split}"]) == 2
+  assert "exists and is not empty" in capsys.readouterr().err
