@@ -2,8 +2,11 @@
 
 Workdir layout: W/checkpoints/<step>/{state, data}/ — `state` is the sharded train state,
 `data` the grain iterator position of every process, so a resumed run sees the same batches.
-Export layout: DIR/params.safetensors, DIR/params.msgpack, DIR/config.json. Nothing is ever
-read with pickle.
+Export layout: DIR/params.safetensors, DIR/params.msgpack, DIR/config.json, and for a model
+with BatchNorm DIR/batch_stats.safetensors (the running statistics, the train state's
+extra['batch_stats'], flat '<module>/mean' / '<module>/var'; load_export_batch_stats): a
+file of its own, so the params files and every reader of them are unchanged, and exports
+without it load as before. Nothing is ever read with pickle.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from safetensors.numpy import load_file as st_load, save_file as st_save
 from jax_transfer import config as config_lib
 
 EXPORT_FILES = ("params.safetensors", "config.json")
+BATCH_STATS_FILE = "batch_stats.safetensors"  # optional: a BatchNorm model's running stats
 # Files a method writes into the workdir that belong with the parameters (the contrastive
 # tokenizer's vocabulary); export copies them, load_pretrained's callers read them.
 ASSET_FILES = ("tokenizer.json", "tokenizer_asset.json", "tokenizer_asset.model",
@@ -159,8 +163,9 @@ def unflatten(flat: dict[str, Any]):
 
 
 def export(params, config: ml_collections.ConfigDict, out_dir: str,
-           assets_from: str | None = None) -> None:
-  """Writes params as safetensors and msgpack plus the config as JSON. Files are written
+           assets_from: str | None = None, batch_stats=None) -> None:
+  """Writes params as safetensors and msgpack plus the config as JSON (and `batch_stats`, a
+  BatchNorm model's running statistics, as BATCH_STATS_FILE). Files are written
   under temporary names and renamed, so an interrupted export never leaves a half file
   under a final name. A LoRA / BitFit run's export is a plain model (LoRA merged into the
   kernels, config.peft.method 'none'); another PEFT method's keeps its parameters and
@@ -168,7 +173,45 @@ def export(params, config: ml_collections.ConfigDict, out_dir: str,
   from jax_transfer import peft  # pylint: disable=g-import-not-at-top
   params, written = peft.for_export(params, config)
   flat = _export_flat(params, config)
-  _write_export(out_dir, flat, written, assets_from)
+  stats = None if batch_stats is None else flatten(jax.device_get(batch_stats))
+  _write_export(out_dir, flat, written, assets_from, batch_stats=stats)
+
+
+def batch_stats_of(extra):
+  """A train state's extra -> its BatchNorm running statistics (None when it has none)."""
+  return extra.get("batch_stats") if isinstance(extra, dict) else None
+
+
+def load_export_batch_stats(export_dir: str):
+  """The running statistics of a BatchNorm model's export (nested like the model's
+  'batch_stats' collection), None for an export without them. A BN model loaded with
+  load_pretrained predicts with
+    model.apply({"params": params, "batch_stats": load_export_batch_stats(DIR)}, x,
+                train=False)."""
+  path = os.path.join(export_dir, BATCH_STATS_FILE)
+  return unflatten(st_load(path)) if os.path.exists(path) else None
+
+
+def merge_batch_stats(stats, export_dir: str, load_regex: str = ".*", skip_regex: str = "^$"):
+  """`stats` (a fresh BN model's 'batch_stats') with every leaf whose path matches load_regex
+  (and not skip_regex) taken from the export's running statistics: what a fine-tune from
+  init.export_dir starts from, as merge_pretrained does for the params. An export without
+  statistics (older, or imported) leaves `stats` as they are, with a warning; a selected
+  statistic the export lacks, or of another shape, is a ValueError naming it."""
+  pre = load_export_batch_stats(export_dir)
+  if pre is None:
+    logging.warning("export %s has no %s: BatchNorm running statistics start from their init "
+                    "(mean 0, var 1)", export_dir, BATCH_STATS_FILE)
+    return stats
+  flat, pre = flatten_keys(stats), flatten(pre)
+  load, skip = re.compile(load_regex), re.compile(skip_regex)
+  for k in [k for k in flat if load.search(k) and not skip.search(k)]:
+    if k not in pre or tuple(pre[k].shape) != tuple(flat[k].shape):
+      raise ValueError(f"export {export_dir} batch statistic {k!r} is "
+                       f"{'missing' if k not in pre else f'of shape {pre[k].shape}'}; the "
+                       f"model needs shape {tuple(flat[k].shape)} (different architecture?)")
+    flat[k] = pre[k].astype(flat[k].dtype)
+  return unflatten(flat)
 
 
 def _export_flat(params, config) -> dict[str, np.ndarray]:
@@ -181,9 +224,11 @@ def _export_flat(params, config) -> dict[str, np.ndarray]:
   return flat
 
 
-def _write_export(out_dir: str, flat, config, assets_from=None, extra=None) -> None:
-  """The export files of `flat` (+ `extra`: name -> JSON-able, e.g. an adapter's base.json),
-  each written under a temporary name and renamed."""
+def _write_export(out_dir: str, flat, config, assets_from=None, extra=None,
+                  batch_stats=None) -> None:
+  """The export files of `flat` (+ `extra`: name -> JSON-able, e.g. an adapter's base.json;
+  + `batch_stats`: flat running statistics), each written under a temporary name and
+  renamed."""
   os.makedirs(out_dir, exist_ok=True)
   writes = {
       "params.safetensors": lambda p: st_save(flat, p),
@@ -197,9 +242,12 @@ def _write_export(out_dir: str, flat, config, assets_from=None, extra=None) -> N
     src = os.path.join(assets_from or "", name)
     if assets_from and os.path.exists(src):
       writes[name] = lambda p, src=src: shutil.copyfile(src, p)
-  stale = os.path.join(out_dir, ADAPTER_BASE)
-  if ADAPTER_BASE not in writes and os.path.exists(stale):  # a full export over an adapter's
-    os.remove(stale)
+  if batch_stats is not None:
+    writes[BATCH_STATS_FILE] = lambda p: st_save(batch_stats, p)
+  for name in (ADAPTER_BASE, BATCH_STATS_FILE):  # a full export over an adapter's; a model
+    stale = os.path.join(out_dir, name)          # without BN over one with
+    if name not in writes and os.path.exists(stale):
+      os.remove(stale)
   for name, write in writes.items():
     tmp = os.path.join(out_dir, f".{name}.tmp")
     write(tmp)

@@ -1,7 +1,9 @@
 """python -m jax_transfer.export --workdir=W --out=DIR [--adapter_only]
 
 Writes the newest checkpoint's parameters as DIR/params.safetensors + DIR/params.msgpack and
-the run's config as DIR/config.json; `jax_transfer.load_pretrained(DIR)` reads them back. A
+the run's config as DIR/config.json (a BatchNorm model's running statistics, the state's
+extra['batch_stats'], as DIR/batch_stats.safetensors: checkpoint.load_export_batch_stats);
+`jax_transfer.load_pretrained(DIR)` reads them back. A
 LoRA / BitFit run exports a plain model (merged); another PEFT method's export keeps its
 parameters and is loaded wrapped (checkpoint.export). --adapter_only: only the parameters the
 PEFT run trained, plus DIR/base.json fingerprinting its base (init.export_dir); apply it with
@@ -32,8 +34,8 @@ def _define_flags():  # Only when run as a CLI, so importing this module defines
 
 def export_workdir(workdir: str, out: str, adapter_only: bool = False) -> int:
   """Exports the newest checkpoint of `workdir` (only its adapter with `adapter_only`:
-  checkpoint.export_adapter); returns its step. Reads only the params subtree (no mesh
-  needed: arrays restore onto the local device)."""
+  checkpoint.export_adapter); returns its step. Reads the params (and extra['batch_stats'])
+  subtrees (no mesh needed: arrays restore onto the local device)."""
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
@@ -52,8 +54,11 @@ def export_workdir(workdir: str, out: str, adapter_only: bool = False) -> int:
     from jax_transfer.methods import atlas
     params, config = atlas.export_view(state["state"], config)
     assets = config.atlas_source.base
-  write = checkpoint.export_adapter if adapter_only else checkpoint.export
-  write(params, config, out, assets_from=assets)
+  stats = checkpoint.batch_stats_of(state["state"].get("extra"))
+  if adapter_only:
+    checkpoint.export_adapter(params, config, out, assets_from=assets)
+  else:
+    checkpoint.export(params, config, out, assets_from=assets, batch_stats=stats)
   return step
 
 

@@ -11,17 +11,24 @@ class ClassificationEvaluator:
   """Every example of `split` is counted once (padding is dropped by embed_split).
 
   predict_fn(params, images) -> logits [B, num_classes]; labels are the pipeline's 'label'
-  column (input.label_key, remapped when input.classes is set).
+  column (input.label_key, remapped when input.classes is set). with_extra=True: the method
+  state is passed on, predict_fn(params, images, extra) (a BatchNorm model's running
+  statistics, extra['batch_stats']); run(params) then passes extra=None.
   """
 
   def __init__(self, predict_fn, input_cfg, split: str, batch_size: int, mesh, every_steps,
-               name: str = "eval"):
+               name: str = "eval", with_extra: bool = False):
     self.name, self.every_steps = name, every_steps
     self._input, self._split, self._mesh, self._batch_size = input_cfg, split, mesh, batch_size
-    self._logits = jax.jit(lambda p, images: predict_fn(p, images))
+    self._with_extra = with_extra
+    if with_extra:  # (params, extra) travel together as embed_split's `params`.
+      self._logits = jax.jit(lambda pe, images: predict_fn(pe[0], images, pe[1]))
+    else:
+      self._logits = jax.jit(lambda p, images: predict_fn(p, images))
 
   def run(self, params, extra=None) -> dict:
-    del extra
+    if self._with_extra:
+      params = (params, extra)
     emb = embed_split(self._logits, params, self._input, self._split, self._batch_size,
                       self._mesh, inputs=lambda b: {"images": b["image"]}, keep=("label",))
     logits, labels = emb["out"].astype(np.float64), emb["label"]

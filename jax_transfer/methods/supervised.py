@@ -9,15 +9,31 @@ With any of them on, the train loss is softmax cross-entropy against the soft ta
 mix is keyed by fold_in(step rng, MIXUP_SALT) (dropout keeps the step rng), so a resumed run
 draws the same mixes. With both alphas and label_smoothing 0 the loss is the integer-label
 one, unchanged. Train accuracy stays argmax(logits) == the batch's own labels.
+
+BatchNorm models (models/resnet.py): the 'batch_stats' collection is the method state,
+extra = {'batch_stats': ...} (init_extra; boxed like the channels' params, so it shards,
+checkpoints and resumes with the train state). loss_fn applies the model with train=True and
+mutable=['batch_stats']: it normalises by the (micro)batch's statistics and returns the updated
+running ones as the new extra, so with grad_accum_steps the running stats update once per
+microbatch, in order, as sequential BN would. The batch is sharded over the mesh's data axes
+under one jit (no pmap), so the batch mean / var are those of the whole global batch (XLA
+all-reduces the partial sums): cross-replica (synchronised) BN, the same statistics on any
+number of devices (tests/test_resnet_bn.py: 8 devices = 1). predict and the evaluator use the
+running averages (train=False). An export carries them (batch_stats.safetensors); a fine-tune
+from init.export_dir starts from the export's running statistics (load_extra, init.load_regex
+/ skip_regex applied to their paths), or from mean 0 / var 1 when the export has none. Models
+without BatchNorm keep extra None, unchanged.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jax_transfer import augment, config as config_lib, data, models
+from jax_transfer import augment, checkpoint, config as config_lib, data, models
 from jax_transfer.evaluators.classification import ClassificationEvaluator
 from jax_transfer.methods.base import Method
 
@@ -86,9 +102,35 @@ class Supervised(Method):
     self.image_shape = data.image_shape(config.input)
     self.mixup = mixup_config(config)
 
-  def init_params(self, rng):
+  def _init_variables(self, rng):
     dummy = jnp.zeros((1, *self.image_shape), jnp.float32)
-    return self.model.init({"params": rng}, dummy, train=False)["params"]
+    return self.model.init({"params": rng}, dummy, train=False)
+
+  def init_params(self, rng):
+    return self._init_variables(rng)["params"]
+
+  @functools.cached_property
+  def has_batch_stats(self) -> bool:
+    """Whether the model keeps BatchNorm running statistics (shapes only: eval_shape)."""
+    return "batch_stats" in jax.eval_shape(self._init_variables, jax.random.key(0))
+
+  def init_extra(self, rng, params):
+    if not self.has_batch_stats:
+      return None
+    return {"batch_stats": models.resnet.box_batch_stats(self._init_variables(rng))}
+
+  def load_extra(self, extra):
+    init = self.config.init
+    if extra is None or not init.export_dir:
+      return extra
+    stats = checkpoint.merge_batch_stats(jax.device_get(extra["batch_stats"]), init.export_dir,
+                                         init.load_regex, init.skip_regex)
+    return {**extra, "batch_stats": stats}
+
+  def _variables(self, params, extra):
+    if extra is not None and "batch_stats" in extra:
+      return {"params": params, "batch_stats": extra["batch_stats"]}
+    return {"params": params}
 
   def loss_fn(self, params, extra, batch, rng):
     m = self.mixup
@@ -102,8 +144,14 @@ class Supervised(Method):
             jax.random.fold_in(rng, MIXUP_SALT), images, targets,
             mixup_alpha=m["mixup_alpha"], cutmix_alpha=m["cutmix_alpha"], prob=m["prob"],
             switch_prob=m["switch_prob"])
-    logits, _ = self.model.apply({"params": params}, images, train=True,
-                                 rngs={"dropout": rng})
+    if self.has_batch_stats:
+      (logits, _), updated = self.model.apply(self._variables(params, extra), images,
+                                              train=True, rngs={"dropout": rng},
+                                              mutable=["batch_stats"])
+      extra = {**extra, "batch_stats": updated["batch_stats"]}
+    else:
+      logits, _ = self.model.apply({"params": params}, images, train=True,
+                                   rngs={"dropout": rng})
     if targets is None:
       loss = optax.softmax_cross_entropy_with_integer_labels(
           logits.astype(jnp.float32), labels).mean()
@@ -112,10 +160,12 @@ class Supervised(Method):
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, ({"accuracy": accuracy}, extra)
 
-  def predict(self, params, images):
-    return self.model.apply({"params": params}, images, train=False)[0]
+  def predict(self, params, images, extra=None):
+    """Logits with the running statistics of `extra` (a BN model's; None: no BatchNorm)."""
+    return self.model.apply(self._variables(params, extra), images, train=False)[0]
 
   def evaluators(self):
     c = self.config
     return [ClassificationEvaluator(self.predict, c.input, c.eval.split, c.eval.batch_size,
-                                    self.mesh, c.eval_every_steps, name="eval")]
+                                    self.mesh, c.eval_every_steps, name="eval",
+                                    with_extra=self.has_batch_stats)]
