@@ -128,7 +128,7 @@ CASES = [
     ("negative warmup", _set(**{"schedule.warmup_steps": -5}),
      r"schedule.warmup_steps=-5 must be >= 0"),
     ("unknown optimiser", _set(**{"optimizer.name": "adagrad"}), r"optimizer.name='adagrad'"),
-    ("unknown model", _set(model_name="resnet"), r"model_name='resnet' is unknown"),
+    ("unknown model", _set(model_name="densenet"), r"model_name='densenet' is unknown"),
     ("unknown variant", _set(**{"model.variant": "huge/2"}), r"Unknown ViT variant 'huge/2'"),
     ("unknown model field", _set(**{"model.widht": 3}), r"model: .*widht"),
     ("classes vs head", _set(**{"model.num_classes": 10}), r"model.num_classes=10 but the data"),
