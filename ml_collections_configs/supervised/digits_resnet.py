@@ -18,23 +18,14 @@ Not measured yet (accuracy or speed); tests/test_resnet_bn.py runs `tiny,runloca
 """
 import ml_collections
 
-from jax_transfer.config import base_config
+from ml_collections_configs.supervised import digits_vit
 
 
 def get_config(arg: str = ""):
+  """digits_vit.py's data, schedule, `transfer` and `runlocal` settings with a BatchNorm
+  ResNet and SGD in place of the ViT and AdamW."""
   args = set(a for a in arg.split(",") if a)
-  c = base_config()
-  c.method = "supervised"
-  c.seed = 0
-  c.total_steps = 600
-  c.log_every_steps = 50
-  c.eval_every_steps = 100
-  c.checkpoint_every_steps = 200
-
-  c.input.dataset = "digits"
-  c.input.global_batch_size = 64
-  c.input.classes = (0, 1, 2, 3, 4)
-  c.eval.batch_size = 256
+  c = digits_vit.get_config(",".join(sorted(args & {"transfer", "runlocal"})))
 
   c.model_name = "resnet_tiny" if "tiny" in args else "resnet18"
   # bn_momentum: flax's convention, 0.9 == torch's BatchNorm momentum=0.1.
@@ -42,24 +33,7 @@ def get_config(arg: str = ""):
                                            dtype="float32"))
 
   c.optimizer.name = "sgd"
-  c.optimizer.lr = 0.05
+  c.optimizer.lr = 0.01 if "transfer" in args else 0.05
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 5e-4  # not on BN scale / bias (wd_exclude_regex)
-  c.schedule.warmup_steps = 50
-
-  if "transfer" in args:
-    c.input.classes = (5, 6, 7, 8, 9)
-    c.input.examples_per_class = 10
-    c.input.global_batch_size = 32
-    c.total_steps = 200
-    c.eval_every_steps = 25
-    c.checkpoint_every_steps = 200
-    c.schedule.warmup_steps = 20
-    c.optimizer.lr = 0.01
-  if "runlocal" in args:
-    c.total_steps = 20
-    c.log_every_steps = 5
-    c.eval_every_steps = 10
-    c.checkpoint_every_steps = 10
-    c.schedule.warmup_steps = 5
   return c
