@@ -9,6 +9,12 @@
   label: ClassLabel of the 6 shapes, file_name); train 4,000, validation 500.
   Decoded at 224x224x3 the train split exceeds pipeline.CACHE_MAX_BYTES, so it
   takes the pipeline's record-by-record (ImageNet) path.
+* Shifted domains of digits and shapes_captions (SHIFTED; transforms in
+  domains.py): `digits_rotated`, `digits_inverted`, `digits_noisy`,
+  `shapes_captions_textured`, `shapes_captions_blur`,
+  `shapes_captions_lowcontrast`: the source's examples (same splits, labels,
+  captions, record order) with each image shifted, seeded per example. Select
+  one as any dataset, e.g. input.dataset='digits_rotated'.
 
 All are written as array_record so `tfds.data_source` gives random access
 (grain needs it), and use only features whose encoding needs no TensorFlow
@@ -29,10 +35,13 @@ import os
 import shutil
 import tarfile
 import tempfile
+import types
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from jax_transfer.data import domains
 
 _FILE_FORMAT = 'array_record'
 
@@ -46,6 +55,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  DESCRIPTION = 'scikit-learn handwritten digits (UCI optdigits test set).'
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -54,7 +64,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             'label': tfds.features.ClassLabel(num_classes=10),
         }),
         supervised_keys=('image', 'label'),
-        description='scikit-learn handwritten digits (UCI optdigits test set).',
+        description=self.DESCRIPTION,
     )
 
   def _split_generators(self, dl_manager):
@@ -189,6 +199,9 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  SPLITS = _SPLIT_SEEDS  # {split: (num examples, seed)}; subclasses may change it.
+  DESCRIPTION = ('One coloured shape on a dark noisy background, with a '
+                 'caption naming its size, colour, shape and position.')
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -202,14 +215,13 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
             'size': tfds.features.ClassLabel(names=list(SIZES)),
             'position': tfds.features.ClassLabel(names=list(POSITIONS)),
         }),
-        description=('One coloured shape on a dark noisy background, with a '
-                     'caption naming its size, colour, shape and position.'),
+        description=self.DESCRIPTION,
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Procedural, nothing to download.
     return {split: generate_shapes(num, seed)
-            for split, (num, seed) in _SPLIT_SEEDS.items()}
+            for split, (num, seed) in self.SPLITS.items()}
 
   def _generate_examples(self):  # Unused: generators returned directly above.
     raise NotImplementedError
@@ -369,11 +381,63 @@ class ShapesJpeg(tfds.core.GeneratorBasedBuilder):
 
 
 # ----------------------------------------------------------------------------
+# Shifted domains: <dataset>_<domain>, e.g. digits_rotated (jax_transfer/data/domains.py)
+# ----------------------------------------------------------------------------
+
+
+class _Shifted:
+  """Mixin over an embedded builder: the same examples (keys, so record order, labels,
+  captions) with each image shifted by domains.DOMAINS[SOURCE][DOMAIN], seeded per example.
+  Written with deterministic serialization, so a rebuild is identical byte for byte."""
+
+  SOURCE: str
+  DOMAIN: str
+
+  def _split_generators(self, dl_manager):
+    return {split: domains.shift_examples(self.SOURCE, self.DOMAIN, split, examples)
+            for split, examples in super()._split_generators(dl_manager).items()}
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    with _deterministic_serialization():
+      return super()._download_and_prepare(dl_manager, download_config)
+
+
+def shifted_builder(base: type, source: str, domain: str, name: str | None = None,
+                    register: bool = True) -> type:
+  """The builder class of `source`'s `domain` over builder class `base` (TFDS name `name`,
+  default f'{source}_{domain}'); register=False keeps it out of the TFDS registry (tests
+  that shift a smaller subclass of `base`)."""
+  name = name or domains.dataset_name(source, domain)
+  cls_name = ''.join(part.capitalize() for part in name.split('_'))
+  doc = (domains.__doc__ or '').split('\n\n')[0]
+  attrs = {'name': name, 'SOURCE': source, 'DOMAIN': domain, '__module__': __name__,
+           '__doc__': f'{source} shifted to domain {domain!r}. {doc}',
+           'DESCRIPTION': f'{base.DESCRIPTION} Shifted domain {domain!r}: see '
+                          'jax_transfer/data/domains.py.'}
+  return types.new_class(cls_name, (_Shifted, base), {'skip_registration': not register},
+                         lambda ns: ns.update(attrs))
+
+
+# {TFDS name: builder class} of every shifted domain: digits_rotated, digits_inverted,
+# digits_noisy, shapes_captions_textured, shapes_captions_blur, shapes_captions_lowcontrast.
+SHIFTED = {name: shifted_builder({'digits': Digits, 'shapes_captions': ShapesCaptions}[src],
+                                 src, dom)
+           for name, (src, dom) in domains.names().items()}
+
+
+# ----------------------------------------------------------------------------
 # build / ensure
 # ----------------------------------------------------------------------------
 
+# The source datasets (what the data_dir fixtures and build.py build first); the shifted
+# domains are SHIFTED, built on demand (or by build.py).
 EMBEDDED = {'digits': Digits, 'shapes_captions': ShapesCaptions,
             'shapes_jpeg': ShapesJpeg}
+
+
+def is_embedded(name: str) -> bool:
+  """Whether `name` is built here (a source dataset or a shifted domain)."""
+  return name in EMBEDDED or name in SHIFTED
 
 
 def default_data_dir() -> str:
@@ -383,10 +447,11 @@ def default_data_dir() -> str:
 
 
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  if name not in EMBEDDED:
-    raise ValueError(f'{name!r} is not embedded; choose from {sorted(EMBEDDED)}.')
-  return EMBEDDED[name](data_dir=data_dir or default_data_dir(),
-                        file_format=_FILE_FORMAT)
+  cls = EMBEDDED.get(name) or SHIFTED.get(name)
+  if cls is None:
+    raise ValueError(f'{name!r} is not embedded; choose from {sorted(EMBEDDED)} or the '
+                     f'shifted domains {sorted(SHIFTED)}.')
+  return cls(data_dir=data_dir or default_data_dir(), file_format=_FILE_FORMAT)
 
 
 def build_embedded(name: str, data_dir: str | None = None) -> str:

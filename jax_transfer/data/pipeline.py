@@ -49,7 +49,7 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 @functools.lru_cache(maxsize=32)
 def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   # Only prepared builders are returned, so a failure is never cached.
-  if name in builders.EMBEDDED:
+  if builders.is_embedded(name):  # A source dataset or a shifted domain (digits_rotated).
     builders.ensure_embedded(name, data_dir)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
