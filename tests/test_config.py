@@ -37,7 +37,7 @@ BAD = [
     ("optimizer.weight_decay", -1.0, r"weight_decay=-1.0 must be >= 0"),
     ("optimizer.name", "adagrad", r"optimizer.name='adagrad' is unknown; allowed"),
     ("schedule.name", "step", r"schedule.name='step' is unknown; allowed"),
-    ("model_name", "resnet", r"model_name='resnet' is unknown; allowed: \[.*'vit'"),
+    ("model_name", "densenet", r"model_name='densenet' is unknown; allowed: \[.*'vit'"),
     ("model.variant", "huge/2", r"model: Unknown ViT variant 'huge/2'; allowed"),
     ("model.dtype", "float16", r"model.dtype='float16' is unknown; allowed"),
     ("model.num_classes", 10, r"model.num_classes=10 but the data has 5 classes"),

@@ -122,8 +122,8 @@ def test_decode_variant_and_registry_errors():
                                         num_heads=12)
   with pytest.raises(ValueError, match='allowed'):
     decode_variant('xl/16')
-  with pytest.raises(ValueError, match=r"Unknown model 'resnet'; allowed: .*vit"):
-    get_model('resnet')
+  with pytest.raises(ValueError, match=r"Unknown model 'densenet'; allowed: .*vit"):
+    get_model('densenet')
   assert isinstance(get_model('vit', variant='nano/8', num_classes=3), nn.Module)
 
 
