@@ -65,7 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
       shards="", shard_weights=ml_collections.config_dict.placeholder(tuple),
       num_samples=ml_collections.config_dict.placeholder(int), shuffle_buffer=1000,
       num_threads=8))
-  c.eval = ml_collections.ConfigDict(dict(split="test", batch_size=256))
+  # eval.datasets: more datasets of the same images and labels (e.g. the shifted domains
+  # digits_rotated, ...) read at eval.split beside input.dataset, each an evaluator of its
+  # own name (eval_<dataset>/...): train on the source, evaluate on the targets, one config.
+  c.eval = ml_collections.ConfigDict(dict(split="test", batch_size=256,
+                                          datasets=ml_collections.config_dict.placeholder(tuple)))
 
   c.model_name = "vit"
   # The model's constructor fields. Levers: dtype (compute; params stay f32), remat (+ optional
@@ -281,6 +285,7 @@ def validate(config, num_devices: int) -> None:
     data.dataset_info(config.input.dataset, config.input.data_dir)
   except ValueError as e:  # DatasetNotPreparedError included.
     raise ConfigError(f"input.dataset: {e}") from None
+  _check_eval_datasets(config)
   _check_input(config.input)
   try:
     model = models.get_model(config.model_name, **model_kwargs(config.model))
@@ -310,6 +315,38 @@ def validate(config, num_devices: int) -> None:
     if bad:
       raise ConfigError(f"sharding_rules: {rule[0]!r} maps to unknown mesh axis {bad[0]!r};"
                         f" allowed: {sorted(axes)}")
+
+
+def eval_input(input_cfg: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
+  """`input_cfg` reading `dataset` instead of input.dataset (one of eval.datasets): the same
+  label key, classes, preprocessing and data_dir."""
+  c = input_cfg.copy_and_resolve_references()
+  c.dataset = dataset
+  return c
+
+
+def _check_eval_datasets(config) -> None:
+  """Each of eval.datasets is prepared (or embedded) and has input.dataset's image shape and
+  class names (of input.label_key), so the model and its head read it as they read the source."""
+  from jax_transfer import data
+  names = config.eval.get("datasets") or ()
+  if isinstance(names, str):
+    raise ConfigError(f"eval.datasets={names!r} must be a tuple of dataset names, e.g. "
+                      f"--config.eval.datasets=\"('{names}',)\"")
+  c = config.input
+  source = data.dataset_info(c.dataset, c.data_dir, label_key=c.label_key)
+  for name in names:
+    try:
+      info = data.dataset_info(name, c.data_dir, label_key=c.label_key)
+    except ValueError as e:
+      raise ConfigError(f"eval.datasets: {name!r}: {e}") from None
+    for key in ("image_shape", "class_names"):
+      if info[key] != source[key]:
+        raise ConfigError(f"eval.datasets: {name!r} has {key} {info[key]} but input.dataset "
+                          f"{c.dataset!r} has {source[key]}")
+    if config.eval.split.split("[")[0] not in info["num_examples"]:
+      raise ConfigError(f"eval.datasets: {name!r} has no split {config.eval.split!r} "
+                        f"(eval.split); it has {sorted(info['num_examples'])}")
 
 
 def use_export_tokenizer(c: ml_collections.ConfigDict, export_dir: str) -> None:

@@ -120,6 +120,15 @@ CASES = [
     ("non-divisible accumulation", _set(grad_accum_steps=3), r"grad_accum_steps=3"),
     ("unknown dataset", _set(**{"input.dataset": "nosuch"}),
      r"input.dataset: Dataset 'nosuch' is neither embedded"),
+    ("unknown eval dataset", _set(**{"eval.datasets": ("digits", "nosuch")}),
+     r"eval.datasets: 'nosuch': Dataset 'nosuch' is neither embedded"),
+    ("eval dataset without the label", _set(**{"eval.datasets": ("shapes_captions",)}),
+     r"eval.datasets: 'shapes_captions': 'shapes_captions' has no ClassLabel feature 'label'"),
+    ("eval dataset of other images", _set(**{"eval.datasets": ("shapes_jpeg",)}),
+     r"eval.datasets: 'shapes_jpeg' has image_shape \(None, None, 3\) but input.dataset "
+     r"'digits' has \(8, 8, 1\)"),
+    ("eval datasets as one string", _set(**{"eval.datasets": "digits_noisy"}),
+     r"eval.datasets='digits_noisy' must be a tuple of dataset names"),
     ("unprepared dataset", _unprepared, r"'cifar10' is not prepared .*tfds build cifar10"),
     ("images of the wrong shape", _set(**{"input.image_size": 9}),
      r"images are 9x9 \(input.image_size\) but the model's patch size 2 does not divide"),
@@ -267,7 +276,7 @@ def test_torch_checkpoint_with_missing_keys(tmp_path, capsys):
      r"'global_batch_size'\?\)"),
     ("--config.model.widht=3", r"unknown config key 'model.widht' .*did you mean 'width'\?"),
     ("--config.eval.foo=1", r"unknown config key 'eval.foo' .*config.eval has \['batch_size', "
-                            r"'split'\]"),
+                            r"'datasets', 'split'\]"),
     ("--config.model.depth=2", r"'depth' is a field of the 'vit' model that this config does "
                                r"not list"),
     ("--config.optimzer.lr=1", r"unknown config key 'optimzer' .*did you mean 'optimizer'"),

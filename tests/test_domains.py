@@ -252,3 +252,25 @@ def test_build_cli_builds_the_domains(tmp_path, monkeypatch, capsys):
   out = capsys.readouterr().out
   assert 'digits_inverted: ' in out
   assert _digits('digits_inverted', d).is_prepared()
+
+
+def test_eval_datasets_train_on_source_evaluate_on_targets(dd, tmp_path):
+  """eval.datasets: one run on digits reports eval_<domain>/accuracy per shifted domain, equal
+  to evaluating the final params with input.dataset set to that domain."""
+  import jax
+  from conftest import tiny_vit_config
+  from jax_transfer import config as config_lib, methods, parallel, train
+  c = tiny_vit_config(dd)
+  c.total_steps, c.eval_every_steps, c.checkpoint_every_steps = 3, 3, 3
+  c.eval.datasets = ('digits_inverted', 'digits_noisy')
+  state, final = train.train_and_evaluate(c, str(tmp_path / 'w'), devices=jax.devices()[:1])
+  assert {'eval/accuracy', 'eval_digits_inverted/accuracy',
+          'eval_digits_noisy/accuracy'} <= set(final)
+  mesh = parallel.make_mesh(c.mesh, jax.devices()[:1])
+  for name in c.eval.datasets:
+    target = config_lib.with_overrides(c, **{'input.dataset': name, 'eval.datasets': None})
+    (evaluator,) = methods.get_method(c.method)(target, mesh).evaluators()
+    with jax.set_mesh(mesh):
+      want = evaluator.run(state.params)
+    assert final[f'eval_{name}/accuracy'] == want['accuracy']
+    assert final[f'eval_{name}/loss'] == pytest.approx(want['loss'], rel=1e-6)

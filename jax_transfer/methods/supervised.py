@@ -165,7 +165,13 @@ class Supervised(Method):
     return self.model.apply(self._variables(params, extra), images, train=False)[0]
 
   def evaluators(self):
+    """'eval' on input.dataset's eval.split, and one 'eval_<dataset>' per eval.datasets (the
+    shifted target domains: train on the source, evaluate on each target)."""
     c = self.config
-    return [ClassificationEvaluator(self.predict, c.input, c.eval.split, c.eval.batch_size,
-                                    self.mesh, c.eval_every_steps, name="eval",
-                                    with_extra=self.has_batch_stats)]
+    inputs = {"eval": c.input}
+    inputs.update({f"eval_{name}": config_lib.eval_input(c.input, name)
+                   for name in c.eval.get("datasets") or ()})
+    return [ClassificationEvaluator(self.predict, input_cfg, c.eval.split, c.eval.batch_size,
+                                    self.mesh, c.eval_every_steps, name=name,
+                                    with_extra=self.has_batch_stats)
+            for name, input_cfg in inputs.items()]
