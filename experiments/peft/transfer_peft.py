@@ -227,18 +227,18 @@ def count_params(params, cfg) -> tuple[int, int]:
           sum(size(v) for v in flat.values()))
 
 
-def costs(arms, lrs, args):
-  """Per arm: trainable / all params, optimiser-state bytes, compiled temp and argument bytes,
-  and the best over --rounds of the median step time (the arms interleaved, one process)."""
+def costs(configs: dict, args):
+  """Per arm of `configs` ({arm: config}): trainable / all params, optimiser-state bytes,
+  compiled temp and argument bytes, and the best over --rounds of the median step time (the
+  arms interleaved, one process). Each step is the one train.py builds, fed one batch of its
+  config's own train pipeline (images, labels, tokenised captions: method.host_batch)."""
   import jax
   import harness  # benchmarks/harness.py
+  from jax_transfer import data
   built = {}
-  rng = np.random.default_rng(0)
-  local = {"image": rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8),
-           "label": rng.integers(0, 5, 32).astype(np.int32)}
-  for arm in arms:
-    c = digits_config(arm, lrs[arm], args.transfer_steps, None)
+  for arm, c in configs.items():
     ts = harness.build_train_step(c, devices=jax.devices()[:1])
+    local = ts.method.host_batch(next(data.make_train_iterator(c.input, seed=c.seed)))
     with ts.context():
       batch = ts.global_batch(local)
       compiled = ts.step.lower(ts.state, batch).compile()
@@ -248,7 +248,7 @@ def costs(arms, lrs, args):
         n_train=n_train, n_all=n_all,
         opt_bytes=sum(x.nbytes for x in jax.tree.leaves(ts.state.opt_state)),
         temp_bytes=mem.temp_size_in_bytes, argument_bytes=mem.argument_size_in_bytes))
-  times = {arm: [] for arm in arms}
+  times = {arm: [] for arm in configs}
   for _ in range(args.rounds):
     for arm, (ts, compiled, batch, _) in built.items():
       state = ts.fresh_state()  # outside ts.context(): under it train.abstract_state fails
@@ -337,9 +337,7 @@ def colour_templates() -> list[str]:
 
 def clip_part(out, args):
   """Pretrain without the held-out colours, export, tune, few-shot runs: the CLIP summary."""
-  import flax.linen as nn
-  import jax
-  from jax_transfer import checkpoint, export as export_lib, methods, parallel
+  from jax_transfer import checkpoint, export as export_lib
   root = os.path.join(out, "clip")
   pre_dir, export_dir = os.path.join(root, "pretrain"), os.path.join(root, "export")
   print(f"[CLIP 1/3] pretraining on shapes_captions without white and orange "
@@ -388,16 +386,15 @@ def clip_part(out, args):
   print(f"[CLIP 3/3] few-shot runs on the test split, {args.clip_seeds} paired seeds...",
         flush=True)
   runs = {a: [score(a, lrs[a], s, False) for s in range(args.clip_seeds)] for a in arms}
-  counts = {}
   for a in arms:
-    c = clip_config(args.clip_steps, lrs[a], export_dir, CLIP_ARMS[a][0], args.clip_loss)
-    method = methods.get_method(c.method)(c, parallel.make_mesh(c.mesh, jax.devices()[:1]),
-                                          None)
-    counts[a] = count_params(nn.unbox(jax.eval_shape(method.init_params, jax.random.key(0))), c)
     print(f"      {a:8s} lr {lrs[a]:g}: held-out " +
           " ".join(f"{r['heldout']:.3f}" for r in runs[a]) + "  seen " +
           " ".join(f"{r['seen']:.3f}" for r in runs[a]), flush=True)
-  return dict(loss=args.clip_loss, before=before, lrs=lrs, runs=runs, counts=counts,
+  print(f"      costs of each arm's train step ({args.rounds} interleaved rounds of "
+        f"{args.time_steps} steps, batch 32 of its own pipeline)...", flush=True)
+  cost = costs({a: clip_config(args.clip_steps, lrs[a], export_dir, CLIP_ARMS[a][0],
+                               args.clip_loss) for a in arms}, args)
+  return dict(loss=args.clip_loss, before=before, lrs=lrs, runs=runs, costs=cost,
               grid={a: {f"{lr:g}": v for lr, v in g.items()} for a, g in grid.items()})
 
 
@@ -437,7 +434,8 @@ def digits_part(out, args):
     print(f"      {a:12s} lr {lrs[a]:g}: " + " ".join(f"{x:.3f}" for x in acc[a]), flush=True)
   print(f"[digits 4/4] costs of each arm's train step ({args.rounds} interleaved rounds of "
         f"{args.time_steps} steps)...", flush=True)
-  return dict(export_dir=export_dir, lrs=lrs, accuracy=acc, costs=costs(arms, lrs, args),
+  return dict(export_dir=export_dir, lrs=lrs, accuracy=acc, costs=costs(
+      {a: digits_config(a, lrs[a], args.transfer_steps, None) for a in arms}, args),
               grid={a: {f"{lr:g}": v for lr, v in g.items()} for a, g in grid.items()})
 
 
@@ -462,17 +460,12 @@ def grid_table(grid, lrs, labels, metric) -> list[str]:
 
 def digits_tables(d) -> list[str]:
   acc, cost = d["accuracy"], d["costs"]
-  rows = ["| arm | lr | trainable params (% of model) | optimiser state | peak memory "
-          "(temp + args) | step time (median ms) | test accuracy | paired diff vs full "
+  rows = [f"| arm | lr | {COST_HEADER} | test accuracy | paired diff vs full "
           "(seeds better) |", "|---|---|---|---|---|---|---|---|"]
-  kib = lambda n: f"{n / 1024:,.1f} KiB"
   for a in acc:
-    c = cost[a]
-    rows.append(f"| {DIGITS_ARMS[a][3]} | {d['lrs'][a]:g} | {c['n_train']:,} "
-                f"({100 * c['n_train'] / c['n_all']:.2f}%) | {kib(c['opt_bytes'])} | "
-                f"{kib(c['temp_bytes'] + c['argument_bytes'])} ({kib(c['temp_bytes'])} + "
-                f"{kib(c['argument_bytes'])}) | {c['step_ms']:.2f} | {_ms(acc[a])} | " +
-                ("—" if a == "full" else _paired(acc["full"], acc[a])) + " |")
+    rows.append(f"| {DIGITS_ARMS[a][3]} | {d['lrs'][a]:g} | {_cost_cells(cost[a])} | "
+                f"{_ms(acc[a])} | " + ("—" if a == "full" else _paired(acc["full"], acc[a]))
+                + " |")
   grid = grid_table(d["grid"], d["lrs"], {a: DIGITS_ARMS[a][3] for a in d["grid"]},
                     "validation accuracy (5-9 images of train[60%:])")
   design = ["| question | A | B | A accuracy | B accuracy | paired B − A (seeds B better) "
@@ -485,17 +478,29 @@ def digits_tables(d) -> list[str]:
   return rows + [""] + design + ([""] + grid if d["grid"] else [])
 
 
+def _cost_cells(c) -> str:
+  """trainable params (%) | optimiser state | peak memory (temp + args) | step time: the cost
+  columns of one arm (costs())."""
+  kib = lambda n: f"{n / 1024:,.1f} KiB"
+  return (f"{c['n_train']:,} ({100 * c['n_train'] / c['n_all']:.2f}%) | {kib(c['opt_bytes'])} | "
+          f"{kib(c['temp_bytes'] + c['argument_bytes'])} ({kib(c['temp_bytes'])} + "
+          f"{kib(c['argument_bytes'])}) | {c['step_ms']:.2f}")
+
+
+COST_HEADER = ("trainable params (% of model) | optimiser state | peak memory (temp + args) | "
+               "step time (median ms)")
+
+
 def clip_tables(c) -> list[str]:
-  rows = ["| arm | lr | trainable params (% of model) | held-out colours (white, orange) | "
+  rows = [f"| arm | lr | {COST_HEADER} | held-out colours (white, orange) | "
           "seen colours | paired held-out gain vs full (seeds better) |",
-          "|---|---|---|---|---|---|",
-          f"| pretrained export, no few-shot | — | — | {c['before']['heldout']:.3f} | "
-          f"{c['before']['seen']:.3f} | — |"]
+          "|---|---|---|---|---|---|---|---|---|",
+          f"| pretrained export, no few-shot | — | — | — | — | — | "
+          f"{c['before']['heldout']:.3f} | {c['before']['seen']:.3f} | — |"]
   for a, runs in c["runs"].items():
     held, seen = [r["heldout"] for r in runs], [r["seen"] for r in runs]
     full = [r["heldout"] for r in c["runs"]["full"]]
-    n, total = c["counts"][a]
-    rows.append(f"| {CLIP_ARMS[a][2]} | {c['lrs'][a]:g} | {n:,} ({100 * n / total:.2f}%) | "
+    rows.append(f"| {CLIP_ARMS[a][2]} | {c['lrs'][a]:g} | {_cost_cells(c['costs'][a])} | "
                 f"{_ms(held)} | {_ms(seen)} | " + ("—" if a == "full" else _paired(full, held))
                 + " |")
   grid = grid_table(c["grid"], c["lrs"], {a: CLIP_ARMS[a][2] for a in c["grid"]},
