@@ -333,6 +333,8 @@ def _check_eval_datasets(config) -> None:
   if isinstance(names, str):
     raise ConfigError(f"eval.datasets={names!r} must be a tuple of dataset names, e.g. "
                       f"--config.eval.datasets=\"('{names}',)\"")
+  if not names:
+    return
   c = config.input
   source = data.dataset_info(c.dataset, c.data_dir, label_key=c.label_key)
   for name in names:
