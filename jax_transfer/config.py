@@ -13,7 +13,7 @@ import ml_collections
 
 # Keys a method may add beyond the base (their sections are validated by the method).
 METHOD_SECTIONS = ("contrastive", "icl", "learngene", "distill", "transfer_eval", "mixup",
-                   "atlas")
+                   "atlas", "dann")
 # Sections whose keys depend on a choice (config.model: the model named by model_name);
 # validate() checks them by building the model, whose constructor rejects unknown fields.
 FREE_SECTIONS = ("model",)

@@ -277,9 +277,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_after_step=No
   # Each process builds the iterator for its own slice of every global batch; DevicePrefetch
   # keeps `input.device_prefetch` global batches in flight to the devices.
   method = method_cls(config, mesh, workdir)
-  host_iter = data.make_train_iterator(config.input, seed=config.seed,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+  host_iter = method.train_iterator(seed=config.seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
   # Images travel as uint8 and are scaled to the recipe's value range on the devices.
   normalise = data.normaliser(config.input, train=True)
   train_iter = parallel.DevicePrefetch(

@@ -13,6 +13,7 @@ METHODS = {
     "learngene": "jax_transfer.methods.learngene:Learngene",
     "icl": "jax_transfer.methods.icl:ICL",
     "atlas": "jax_transfer.methods.atlas:Atlas",
+    "dann": "jax_transfer.methods.dann:DANN",
 }
 
 

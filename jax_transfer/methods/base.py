@@ -1,6 +1,10 @@
 """What a method supplies to the shared loop (train.py). Everything else is the loop's.
 
 A method is a class built from the config. The loop calls, in order:
+  train_iterator(seed=, process_index=, process_count=)
+                                   -> the host iterator of training batches, checkpointed
+                                      with its get_state / set_state (default: the
+                                      config.input stream; DANN zips in a target domain's)
   host_batch(local_batch)          -> numeric arrays for the step (e.g. tokenised captions)
   init_params(rng)                 -> boxed param tree (leaves carry logical axis names)
   init_extra(rng, params)          -> method state outside the optimiser (default None);
@@ -32,6 +36,14 @@ class Method:
 
   def __init__(self, config, mesh, workdir: str | None = None):
     self.config, self.mesh, self.workdir = config, mesh, workdir
+
+  def train_iterator(self, *, seed: int, process_index: int = 0, process_count: int = 1):
+    """This process's iterator of local training batches (dicts of numpy), with
+    get_state() -> JSON-serialisable and set_state(s) for exact resumption. Default:
+    data.make_train_iterator(config.input, ...)."""
+    from jax_transfer import data  # pylint: disable=g-import-not-at-top
+    return data.make_train_iterator(self.config.input, seed=seed, process_index=process_index,
+                                    process_count=process_count)
 
   def host_batch(self, batch: dict) -> dict:
     """Local host batch -> the numeric arrays the step consumes (runs before the batch is
