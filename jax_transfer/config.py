@@ -68,8 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
   # eval.datasets: more datasets of the same images and labels (e.g. the shifted domains
   # digits_rotated, ...) read at eval.split beside input.dataset, each an evaluator of its
   # own name (eval_<dataset>/...): train on the source, evaluate on the targets, one config.
+  # eval.transfer_score: also score each of them WITHOUT its labels (Transfer Score,
+  # evaluators/transfer_score.py: transfer_<dataset>/transfer_score, hopkins, ...), the
+  # label-free model-selection signal beside the labelled accuracy it should track.
   c.eval = ml_collections.ConfigDict(dict(split="test", batch_size=256,
-                                          datasets=ml_collections.config_dict.placeholder(tuple)))
+                                          datasets=ml_collections.config_dict.placeholder(tuple),
+                                          transfer_score=False))
 
   c.model_name = "vit"
   # The model's constructor fields. Levers: dtype (compute; params stay f32), remat (+ optional

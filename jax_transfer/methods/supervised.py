@@ -166,12 +166,17 @@ class Supervised(Method):
 
   def evaluators(self):
     """'eval' on input.dataset's eval.split, and one 'eval_<dataset>' per eval.datasets (the
-    shifted target domains: train on the source, evaluate on each target)."""
+    shifted target domains: train on the source, evaluate on each target); with
+    eval.transfer_score, also a label-free 'transfer_<dataset>' per eval.datasets."""
     c = self.config
     inputs = {"eval": c.input}
     inputs.update({f"eval_{name}": config_lib.eval_input(c.input, name)
                    for name in c.eval.get("datasets") or ()})
-    return [ClassificationEvaluator(self.predict, input_cfg, c.eval.split, c.eval.batch_size,
-                                    self.mesh, c.eval_every_steps, name=name,
-                                    with_extra=self.has_batch_stats)
-            for name, input_cfg in inputs.items()]
+    evs = [ClassificationEvaluator(self.predict, input_cfg, c.eval.split, c.eval.batch_size,
+                                   self.mesh, c.eval_every_steps, name=name,
+                                   with_extra=self.has_batch_stats)
+           for name, input_cfg in inputs.items()]
+    if c.eval.get("transfer_score"):
+      from jax_transfer.evaluators import transfer_score  # pylint: disable=g-import-not-at-top
+      evs += [transfer_score.for_method(self, name) for name in c.eval.get("datasets") or ()]
+    return evs
