@@ -31,7 +31,13 @@ class ClassificationEvaluator:
       params = (params, extra)
     emb = embed_split(self._logits, params, self._input, self._split, self._batch_size,
                       self._mesh, inputs=lambda b: {"images": b["image"]}, keep=("label",))
-    logits, labels = emb["out"].astype(np.float64), emb["label"]
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    loss = logz - np.take_along_axis(logits, labels[:, None], -1)[:, 0]
-    return {"accuracy": float(np.mean(logits.argmax(-1) == labels)), "loss": float(loss.mean())}
+    return accuracy_and_loss(emb["out"], emb["label"])
+
+
+def accuracy_and_loss(logits, labels) -> dict:
+  """{'accuracy', 'loss' (mean cross-entropy)} of logits [N, C] against int labels [N], in
+  float64 on the host."""
+  logits = np.asarray(logits, np.float64)
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  loss = logz - np.take_along_axis(logits, labels[:, None], -1)[:, 0]
+  return {"accuracy": float(np.mean(logits.argmax(-1) == labels)), "loss": float(loss.mean())}
