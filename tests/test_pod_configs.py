@@ -22,6 +22,7 @@ TARGETS = {
         ("", 16), ("ep90", 16), ("fsdp", 16), ("fsdp,ep90", 16),
         ("gpu8", 8), ("gpu8,ep90", 8), ("gpu8,fsdp", 8), ("lora", 16), ("gpu8,lora,ep90", 8)],
     "supervised/cifar10_vit_b16.py": [("", 8), ("", 16)],
+    "shift/cifar10c_dann.py": [("", 16), ("", 8)],  # TPU v4-32; one 8-GPU host.
     "contrastive/coco_clip_b16.py": [  # TPU v4-64 = 32 devices; one 8x H100 host.
         ("", 32), ("siglip", 32), ("gpu8", 8), ("siglip,gpu8", 8), ("lora", 32),
         ("gpu8,lora", 8)],
@@ -37,7 +38,11 @@ EMBEDDED = tuple(builders.EMBEDDED)  # digits, shapes_captions, shapes_jpeg
 CATALOGUE = {"imagenet2012": (1000, (None, None, 3)), "cifar10": (10, (32, 32, 3)),
              "mnist": (10, (28, 28, 1)), "fashion_mnist": (10, (28, 28, 1)),
              "cifar100": (100, (32, 32, 3)),
+             "cifar10_corrupted/gaussian_noise_5": (10, (32, 32, 3)),
              "coco_captions": (None, (None, None, 3))}  # Image-text: no class label.
+# Their splits where a config checks one (eval.datasets, dann.target_split).
+SPLITS = {"cifar10": {"train": 50_000, "test": 10_000},
+          "cifar10_corrupted/gaussian_noise_5": {"test": 10_000}}
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +56,7 @@ def catalogue_metadata(monkeypatch, data_dir):
     n, shape = CATALOGUE[name]
     names = [str(i) for i in range(n)] if n else None
     return {"num_classes": n, "class_names": names, "image_shape": shape,
-            "num_examples": {}, "label_key": label_key or "label",
+            "num_examples": SPLITS.get(name, {}), "label_key": label_key or "label",
             "attributes": {"label": names} if n else {}}
   monkeypatch.setattr(data, "dataset_info", dataset_info)
   monkeypatch.setattr(data.pipeline, "dataset_info", dataset_info)  # data.image_shape's.
