@@ -276,7 +276,7 @@ def test_torch_checkpoint_with_missing_keys(tmp_path, capsys):
      r"'global_batch_size'\?\)"),
     ("--config.model.widht=3", r"unknown config key 'model.widht' .*did you mean 'width'\?"),
     ("--config.eval.foo=1", r"unknown config key 'eval.foo' .*config.eval has \['batch_size', "
-                            r"'datasets', 'split'\]"),
+                            r"'datasets', 'split', 'transfer_score'\]"),
     ("--config.model.depth=2", r"'depth' is a field of the 'vit' model that this config does "
                                r"not list"),
     ("--config.optimzer.lr=1", r"unknown config key 'optimzer' .*did you mean 'optimizer'"),
