@@ -1,0 +1,190 @@
+r"""Transfer under covariate shift on the embedded digits (#17 item 7, the adaptation and
+Transfer Score parts): a BatchNorm ResNet trained on digits 0-4 (source) and evaluated on
+the shifted domains digits_rotated / digits_inverted / digits_noisy (targets).
+
+Arms, per seed (the same seed = the same init and the same source batches in every arm):
+  source    supervised on the source only (digits_dann.py's recipe with method='supervised':
+            SGD 0.9, lr 0.01, wd 1e-3), evaluated with its running statistics;
+  test_bn, alpha_a, tent
+            that same model, its BN statistics recalibrated at test time
+            (jax_transfer/evaluators/test_time.py; alpha weights the test side);
+  dann      DANN (methods/dann.py) from the source to that target (its unlabelled train
+            split), one run per target, the same recipe and steps.
+Transfer Score: every run logs transfer_<target>/transfer_score beside
+eval_<target>/accuracy at each evaluation (eval.transfer_score); over that pool of checkpoints
+(source and DANN runs, every evaluation step, every seed) the Spearman / Kendall rank
+correlation of the score with the target accuracy is the paper's claim at this scale.
+
+Writes summary.json, table.md and shift.png to --out.
+Command:
+  python experiments/shift/run.py --out=workdirs/shift
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+DOMAINS = ("digits_rotated", "digits_inverted", "digits_noisy")
+ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def base(args, seed, target):
+  from ml_collections_configs.shift import digits_dann
+  c = digits_dann.get_config("tiny")
+  c.seed = seed
+  c.model.width = args.width
+  c.dann.hidden = args.hidden
+  c.dann.target_dataset = target
+  c.total_steps = args.steps
+  c.eval_every_steps = args.steps // args.evals
+  c.checkpoint_every_steps = args.steps
+  c.log_every_steps = args.steps // args.evals
+  c.eval.transfer_score = True
+  if args.data_dir:
+    c.input.data_dir = args.data_dir
+  return c
+
+
+def records(workdir):
+  from jax_transfer.metrics import read_jsonl
+  return [r for r in read_jsonl(workdir) if "eval/accuracy" in r]
+
+
+def run_source(args, seed, out):
+  import flax.linen as nn
+  import jax
+  from jax_transfer import methods, train
+  from jax_transfer.evaluators import test_time
+  c = base(args, seed, DOMAINS[0])
+  c.method = "supervised"
+  del c["dann"]
+  c.eval.datasets = DOMAINS
+  wd = os.path.join(out, f"source_s{seed}")
+  state, _ = train.train_and_evaluate(c, wd)
+  method = methods.get_method("supervised")(c, state_mesh(c))
+  params = jax.device_get(nn.unbox(state.params))
+  extra = {"batch_stats": jax.device_get(nn.unbox(state.extra["batch_stats"]))}
+  tta = {d: test_time.for_method(method, d, alphas=ALPHAS, batch_size=args.test_batch
+                                 ).run(params, extra) for d in DOMAINS}
+  return records(wd), tta
+
+
+def state_mesh(c):
+  from jax_transfer import parallel
+  return parallel.make_mesh(c.mesh)
+
+
+def run_dann(args, seed, target, out):
+  from jax_transfer import train
+  c = base(args, seed, target)
+  c.eval.datasets = (target,)
+  wd = os.path.join(out, f"dann_{target}_s{seed}")
+  train.train_and_evaluate(c, wd)
+  return records(wd)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", default="workdirs/shift")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--steps", type=int, default=600)
+  p.add_argument("--evals", type=int, default=6)
+  p.add_argument("--width", type=int, default=16)
+  p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--test_batch", type=int, default=64)
+  p.add_argument("--data_dir", default="")
+  args = p.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  seeds = [int(s) for s in args.seeds.split(",")]
+  t0 = time.time()
+  summary = {"args": vars(args), "source": {}, "dann": {}}
+  for s in seeds:
+    recs, tta = run_source(args, s, args.out)
+    summary["source"][s] = {"records": recs, "test_time": tta}
+    for d in DOMAINS:
+      summary["dann"][f"{d}/{s}"] = run_dann(args, s, d, args.out)
+  summary["wall_s"] = time.time() - t0
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=float)
+  table = report(summary, seeds)
+  with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write(table)
+  print(table)
+
+
+def report(summary, seeds) -> str:
+  from scipy import stats
+  arms = ["source", "test_bn", *[f"alpha_{a:g}" for a in ALPHAS], "tent", "dann"]
+  acc = {d: {a: [] for a in arms} for d in DOMAINS}
+  src_acc = []
+  pool = {d: [] for d in DOMAINS}
+  for s in seeds:
+    rec = summary["source"][s]["records"]
+    src_acc.append(rec[-1]["eval/accuracy"])
+    for d in DOMAINS:
+      tta = summary["source"][s]["test_time"][d]
+      for a in arms[:-1]:
+        acc[d][a].append(tta[f"{a}/accuracy"])
+      np.testing.assert_allclose(tta["source/accuracy"], rec[-1][f"eval_{d}/accuracy"],
+                                 atol=1e-6)  # The evaluator's source column is the eval.
+      drec = summary["dann"][f"{d}/{s}"]
+      acc[d]["dann"].append(drec[-1][f"eval_{d}/accuracy"])
+      for r in rec + drec:
+        pool[d].append((r[f"transfer_{d}/transfer_score"], r[f"eval_{d}/accuracy"]))
+  fmt = lambda v: f"{np.mean(v):.3f} ± {np.std(v):.3f}"
+  lines = [f"Source (digits 0-4 test) accuracy of the source-only model: {fmt(src_acc)} "
+           f"(seeds {seeds})", "",
+           "| target | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+  for d in DOMAINS:
+    lines.append(f"| {d} | " + " | ".join(fmt(acc[d][a]) for a in arms) + " |")
+  lines += ["", "Paired differences vs source (mean over seeds, wins / seeds):", "",
+            "| target | " + " | ".join(arms[1:]) + " |", "|---" * len(arms) + "|"]
+  for d in DOMAINS:
+    base_ = np.array(acc[d]["source"])
+    cells = []
+    for a in arms[1:]:
+      diff = np.array(acc[d][a]) - base_
+      cells.append(f"{diff.mean():+.3f} ({int((diff > 0).sum())}/{len(diff)})")
+    lines.append(f"| {d} | " + " | ".join(cells) + " |")
+  lines += ["", "Transfer Score vs target accuracy over the checkpoint pool (every evaluation "
+            "of every source and DANN run):", "",
+            "| target | checkpoints | Spearman ρ | Kendall τ |", "|---|---|---|---|"]
+  summary["rank"] = {}
+  for d in DOMAINS:
+    x, y = np.array(pool[d]).T
+    rho, tau = stats.spearmanr(x, y)[0], stats.kendalltau(x, y)[0]
+    summary["rank"][d] = {"spearman": float(rho), "kendall": float(tau), "n": len(x)}
+    lines.append(f"| {d} | {len(x)} | {rho:+.3f} | {tau:+.3f} |")
+  plot(acc, pool, arms)
+  return "\n".join(lines) + "\n"
+
+
+def plot(acc, pool, arms):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+  w = 0.8 / len(DOMAINS)
+  for i, d in enumerate(DOMAINS):
+    m = [np.mean(acc[d][a]) for a in arms]
+    e = [np.std(acc[d][a]) for a in arms]
+    axes[0].bar(np.arange(len(arms)) + i * w, m, w, yerr=e, label=d)
+  axes[0].set_xticks(np.arange(len(arms)) + w, arms, rotation=45, ha="right")
+  axes[0].set_ylabel("target test accuracy")
+  axes[0].legend()
+  for d in DOMAINS:
+    x, y = np.array(pool[d]).T
+    axes[1].scatter(x, y, s=12, label=d)
+  axes[1].set_xlabel("Transfer Score (no target labels)")
+  axes[1].set_ylabel("target accuracy")
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(os.path.dirname(__file__), "shift.png"), dpi=110)
+
+
+if __name__ == "__main__":
+  main()
