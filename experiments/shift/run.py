@@ -65,17 +65,13 @@ def run_source(args, seed, out):
   c.eval.datasets = DOMAINS
   wd = os.path.join(out, f"source_s{seed}")
   state, _ = train.train_and_evaluate(c, wd)
-  method = methods.get_method("supervised")(c, state_mesh(c))
+  from jax_transfer import parallel
+  method = methods.get_method("supervised")(c, parallel.make_mesh(c.mesh))
   params = jax.device_get(nn.unbox(state.params))
   extra = {"batch_stats": jax.device_get(nn.unbox(state.extra["batch_stats"]))}
   tta = {d: test_time.for_method(method, d, alphas=ALPHAS, batch_size=args.test_batch
                                  ).run(params, extra) for d in DOMAINS}
   return records(wd), tta
-
-
-def state_mesh(c):
-  from jax_transfer import parallel
-  return parallel.make_mesh(c.mesh)
 
 
 def run_dann(args, seed, target, out):
@@ -91,8 +87,8 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--out", default="workdirs/shift")
   p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--steps", type=int, default=600)
-  p.add_argument("--evals", type=int, default=6)
+  p.add_argument("--steps", type=int, default=800)
+  p.add_argument("--evals", type=int, default=8)
   p.add_argument("--width", type=int, default=16)
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--test_batch", type=int, default=64)
@@ -103,10 +99,22 @@ def main():
   t0 = time.time()
   summary = {"args": vars(args), "source": {}, "dann": {}}
   for s in seeds:
-    recs, tta = run_source(args, s, args.out)
-    summary["source"][s] = {"records": recs, "test_time": tta}
-    for d in DOMAINS:
-      summary["dann"][f"{d}/{s}"] = run_dann(args, s, d, args.out)
+    # Each seed's results are saved as soon as they exist, so a stopped run resumes at the
+    # next seed (a seed's file is reused only when its settings are the same).
+    path = os.path.join(args.out, f"seed{s}.json")
+    cached = json.load(open(path)) if os.path.exists(path) else None
+    if cached and cached["args"] == {k: v for k, v in vars(args).items() if k != "seeds"}:
+      summary["source"][s], dann = cached["source"], cached["dann"]
+    else:
+      t1 = time.time()
+      recs, tta = run_source(args, s, args.out)
+      summary["source"][s] = {"records": recs, "test_time": tta}
+      dann = {f"{d}/{s}": run_dann(args, s, d, args.out) for d in DOMAINS}
+      with open(path, "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items() if k != "seeds"},
+                   "source": summary["source"][s], "dann": dann, "wall_s": time.time() - t1},
+                  f, indent=1, default=float)
+    summary["dann"].update(dann)
   summary["wall_s"] = time.time() - t0
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=float)
