@@ -329,27 +329,35 @@ def eval_input(input_cfg: ml_collections.ConfigDict, dataset: str) -> ml_collect
   return c
 
 
+def like_input_dataset(input_cfg, name: str, where: str) -> dict:
+  """dataset_info of `name` (read with input_cfg's data_dir and label_key) after checking that
+  it is prepared (or embedded) and has input.dataset's image shape and class names, so the model
+  and its head read it as they read the source; errors start with `where` (the config key)."""
+  from jax_transfer import data
+  c = input_cfg
+  try:
+    info = data.dataset_info(name, c.data_dir, label_key=c.label_key)
+  except ValueError as e:
+    raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
+  source = data.dataset_info(c.dataset, c.data_dir, label_key=c.label_key)
+  for key in ("image_shape", "class_names"):
+    if info[key] != source[key]:
+      raise ConfigError(f"{where} has {key} {info[key]} but input.dataset {c.dataset!r} has "
+                        f"{source[key]}")
+  return info
+
+
 def _check_eval_datasets(config) -> None:
   """Each of eval.datasets is prepared (or embedded) and has input.dataset's image shape and
   class names (of input.label_key), so the model and its head read it as they read the source."""
-  from jax_transfer import data
   names = config.eval.get("datasets") or ()
   if isinstance(names, str):
     raise ConfigError(f"eval.datasets={names!r} must be a tuple of dataset names, e.g. "
                       f"--config.eval.datasets=\"('{names}',)\"")
   if not names:
     return
-  c = config.input
-  source = data.dataset_info(c.dataset, c.data_dir, label_key=c.label_key)
   for name in names:
-    try:
-      info = data.dataset_info(name, c.data_dir, label_key=c.label_key)
-    except ValueError as e:
-      raise ConfigError(f"eval.datasets: {name!r}: {e}") from None
-    for key in ("image_shape", "class_names"):
-      if info[key] != source[key]:
-        raise ConfigError(f"eval.datasets: {name!r} has {key} {info[key]} but input.dataset "
-                          f"{c.dataset!r} has {source[key]}")
+    info = like_input_dataset(config.input, name, f"eval.datasets: {name!r}")
     if config.eval.split.split("[")[0] not in info["num_examples"]:
       raise ConfigError(f"eval.datasets: {name!r} has no split {config.eval.split!r} "
                         f"(eval.split); it has {sorted(info['num_examples'])}")

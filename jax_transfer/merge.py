@@ -249,10 +249,12 @@ def _flat(tree):
   return flax.traverse_util.flatten_dict(tree, sep="/")
 
 
-def export_method(export_dir: str, mesh, eval_split: Optional[str] = None):
+def export_method(export_dir: str, mesh=None, eval_split: Optional[str] = None,
+                  data_dir: Optional[str] = None, devices=None):
   """(export config, method object) of an export, its model in the export's per-block layout
-  and its tokenizer the export's; `eval_split` replaces config.eval.split (its evaluators')."""
-  from jax_transfer import checkpoint, config as config_lib, methods
+  and its tokenizer the export's; `eval_split` replaces config.eval.split (its evaluators'),
+  `data_dir` input.data_dir. mesh=None: the export config's mesh over `devices`."""
+  from jax_transfer import checkpoint, config as config_lib, methods, parallel
   config = checkpoint.load_export_config(export_dir)
   probe = ml_collections.ConfigDict(config.to_dict())
   if "model" in probe and "scan_layers" in probe.model:
@@ -260,6 +262,10 @@ def export_method(export_dir: str, mesh, eval_split: Optional[str] = None):
   config_lib.use_export_tokenizer(probe, export_dir)  # not a tokenizer trained again
   if eval_split is not None:
     probe.eval.split = eval_split
+  if data_dir is not None:
+    probe.input.data_dir = data_dir
+  if mesh is None:
+    mesh = parallel.make_mesh(probe.mesh, devices)
   return config, methods.get_method(probe.method)(probe, mesh)
 
 

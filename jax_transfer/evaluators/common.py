@@ -1,4 +1,5 @@
-"""Running a jitted function over a whole eval split and bringing the results to the host."""
+"""Running a jitted function over a whole eval split and bringing the results to the host;
+loading an export to evaluate."""
 from __future__ import annotations
 
 from typing import Callable
@@ -43,3 +44,13 @@ def embed_split(jfn: Callable, params, input_cfg, split: str, batch_size: int, m
   result = {"out": np.concatenate(outs)[:limit]}
   result.update({k: np.concatenate(v)[:limit] for k, v in cols.items()})
   return result
+
+
+def load_export(export_dir: str, data_dir: str | None = None, devices=None):
+  """(method, params, batch_stats or None) of an export, for an evaluator to run: the method as
+  merge.export_method builds it (per-block layout, the export's tokenizer, its data read from
+  `data_dir` when given), on the export config's mesh over `devices`."""
+  from jax_transfer import checkpoint, merge
+  _, method = merge.export_method(export_dir, data_dir=data_dir, devices=devices)
+  return (method, checkpoint.load_export_params(export_dir),
+          checkpoint.load_export_batch_stats(export_dir))

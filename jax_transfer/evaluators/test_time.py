@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_transfer import checkpoint, config as config_lib, methods, parallel
+from jax_transfer import config as config_lib
 from jax_transfer.evaluators.classification import accuracy_and_loss
-from jax_transfer.evaluators.common import embed_split
+from jax_transfer.evaluators.common import embed_split, load_export
 
 TENT_LR = 1e-3  # tent's cifar10 config: OPTIM.METHOD Adam, LR 1e-3, BETA 0.9, WD 0, STEPS 1.
 
@@ -219,14 +219,9 @@ def evaluate_export(export_dir: str, dataset: str | None = None, split: str | No
                     data_dir: str | None = None, devices=None, **kwargs) -> dict[str, float]:
   """The side-by-side table of a supervised BN export (its params and running statistics)
   on `dataset`'s `split`."""
-  config = checkpoint.load_export_config(export_dir)
-  if data_dir is not None:
-    config.input.data_dir = data_dir
-  mesh = parallel.make_mesh(config.mesh, devices)
-  method = methods.get_method(config.method)(config, mesh)
+  method, params, stats = load_export(export_dir, data_dir, devices)
   ev = for_method(method, dataset, split, **kwargs)
-  stats = checkpoint.load_export_batch_stats(export_dir)
   if stats is None:
     raise ValueError(f"{export_dir}: the export has no BatchNorm statistics (batch_stats); "
                      f"re-export the run without --adapter_only")
-  return ev.run(checkpoint.load_export_params(export_dir), {"batch_stats": stats})
+  return ev.run(params, {"batch_stats": stats})

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_transfer import checkpoint, config as config_lib, methods, parallel
-from jax_transfer.evaluators.common import embed_split, to_host
+from jax_transfer import config as config_lib
+from jax_transfer.evaluators.common import embed_split, load_export, to_host
 
 REFERENCE_BATCH_SIZE = 32  # train.py's --batch-size default: the target loader's batches.
 
@@ -186,12 +186,6 @@ def score_export(export_dir: str, dataset: str | None = None, split: str | None 
                  data_dir: str | None = None, devices=None, **kwargs) -> dict[str, float]:
   """transfer_score of a supervised export (params, and BN statistics when it has them) on
   `dataset`'s `split`: for ranking checkpoints without target labels."""
-  config = checkpoint.load_export_config(export_dir)
-  if data_dir is not None:
-    config.input.data_dir = data_dir
-  mesh = parallel.make_mesh(config.mesh, devices)
-  method = methods.get_method(config.method)(config, mesh)
-  stats = checkpoint.load_export_batch_stats(export_dir)
+  method, params, stats = load_export(export_dir, data_dir, devices)
   extra = {"batch_stats": stats} if method.has_batch_stats and stats is not None else None
-  ev = for_method(method, dataset, split, **kwargs)
-  return ev.run(checkpoint.load_export_params(export_dir), extra)
+  return for_method(method, dataset, split, **kwargs).run(params, extra)

@@ -231,16 +231,7 @@ def _check_target(config, d) -> None:
   if not name:
     raise config_lib.ConfigError("dann.target_dataset is required: the unlabelled target "
                                  "domain, e.g. 'digits_rotated'")
-  try:
-    info = data.dataset_info(name, c.data_dir, label_key=c.label_key)
-  except ValueError as e:
-    raise config_lib.ConfigError(f"dann.target_dataset={name!r}: {' '.join(str(e).split())}"
-                                 ) from None
-  source = data.dataset_info(c.dataset, c.data_dir, label_key=c.label_key)
-  for key in ("image_shape", "class_names"):
-    if info[key] != source[key]:
-      raise config_lib.ConfigError(f"dann.target_dataset={name!r} has {key} {info[key]} but "
-                                   f"input.dataset {c.dataset!r} has {source[key]}")
+  info = config_lib.like_input_dataset(c, name, f"dann.target_dataset={name!r}")
   split = d["target_split"]
   if any(p.split("[")[0].strip() not in info["num_examples"] for p in split.split("+")):
     raise config_lib.ConfigError(f"dann.target_split={split!r}: {name!r} has splits "
@@ -347,14 +338,8 @@ class DANN(Supervised):
     target = self.target_normalise({"image": batch[TARGET_KEY]})["image"]
     b = source.shape[0]
     images = jnp.concatenate([source, target.astype(source.dtype)])
-    if self.has_batch_stats:  # One forward over both domains: BN statistics of both.
-      (logits, aux), updated = self.model.apply(self._variables(params, extra), images,
-                                                train=True, rngs={"dropout": rng},
-                                                mutable=["batch_stats"])
-      extra = {**extra, "batch_stats": updated["batch_stats"]}
-    else:
-      (logits, aux) = self.model.apply(self._variables(params, None), images, train=True,
-                                       rngs={"dropout": rng})
+    # One forward over both domains: a BN model's statistics are of both.
+    (logits, aux), extra = self.train_apply(params, extra, images, rng)
     cls_loss = optax.softmax_cross_entropy_with_integer_labels(
         logits[:b].astype(jnp.float32), labels).mean()
     coeff = self.grl_coeff(extra["grl_step"] // self.config.grad_accum_steps)

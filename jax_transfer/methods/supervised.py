@@ -132,6 +132,15 @@ class Supervised(Method):
       return {"params": params, "batch_stats": extra["batch_stats"]}
     return {"params": params}
 
+  def train_apply(self, params, extra, images, rng):
+    """The model's train-mode forward: (its outputs, extra), a BN model's running statistics in
+    extra updated from this batch."""
+    if self.has_batch_stats:
+      outputs, updated = self.model.apply(self._variables(params, extra), images, train=True,
+                                          rngs={"dropout": rng}, mutable=["batch_stats"])
+      return outputs, {**extra, "batch_stats": updated["batch_stats"]}
+    return self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng}), extra
+
   def loss_fn(self, params, extra, batch, rng):
     m = self.mixup
     labels = batch["label"]  # The pipeline's (remapped) input.label_key column.
@@ -144,14 +153,7 @@ class Supervised(Method):
             jax.random.fold_in(rng, MIXUP_SALT), images, targets,
             mixup_alpha=m["mixup_alpha"], cutmix_alpha=m["cutmix_alpha"], prob=m["prob"],
             switch_prob=m["switch_prob"])
-    if self.has_batch_stats:
-      (logits, _), updated = self.model.apply(self._variables(params, extra), images,
-                                              train=True, rngs={"dropout": rng},
-                                              mutable=["batch_stats"])
-      extra = {**extra, "batch_stats": updated["batch_stats"]}
-    else:
-      logits, _ = self.model.apply({"params": params}, images, train=True,
-                                   rngs={"dropout": rng})
+    (logits, _), extra = self.train_apply(params, extra, images, rng)
     if targets is None:
       loss = optax.softmax_cross_entropy_with_integer_labels(
           logits.astype(jnp.float32), labels).mean()
