@@ -15,8 +15,9 @@ eval_<target>/accuracy at each evaluation (eval.transfer_score); over that pool 
 (source and DANN runs, every evaluation step, every seed) the Spearman / Kendall rank
 correlation of the score with the target accuracy is the paper's claim at this scale.
 
-Writes summary.json, table.md and shift.png to --out.
-Command:
+Writes seed<N>.json (per seed, as it finishes), summary.json and table.md to --out and
+experiments/shift/shift.png; --report_only redoes the tables and plot from summary.json.
+Command (results: experiments/RESULTS.md, "Transfer under covariate shift"):
   python experiments/shift/run.py --out=workdirs/shift
 """
 from __future__ import annotations
@@ -93,9 +94,16 @@ def main():
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--test_batch", type=int, default=64)
   p.add_argument("--data_dir", default="")
+  p.add_argument("--report_only", action="store_true",
+                 help="rewrite table.md and the plot from --out's summary.json; train nothing")
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
   seeds = [int(s) for s in args.seeds.split(",")]
+  if args.report_only:
+    with open(os.path.join(args.out, "summary.json")) as f:
+      summary = json.load(f)
+    summary["source"] = {int(k): v for k, v in summary["source"].items()}
+    return write_report(summary, seeds, args.out)
   t0 = time.time()
   summary = {"args": vars(args), "source": {}, "dann": {}}
   for s in seeds:
@@ -103,7 +111,8 @@ def main():
     # next seed (a seed's file is reused only when its settings are the same).
     path = os.path.join(args.out, f"seed{s}.json")
     cached = json.load(open(path)) if os.path.exists(path) else None
-    if cached and cached["args"] == {k: v for k, v in vars(args).items() if k != "seeds"}:
+    key = {k: v for k, v in vars(args).items() if k not in ("seeds", "report_only")}
+    if cached and cached["args"] == key:
       summary["source"][s], dann = cached["source"], cached["dann"]
     else:
       t1 = time.time()
@@ -111,15 +120,19 @@ def main():
       summary["source"][s] = {"records": recs, "test_time": tta}
       dann = {f"{d}/{s}": run_dann(args, s, d, args.out) for d in DOMAINS}
       with open(path, "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items() if k != "seeds"},
+        json.dump({"args": key,
                    "source": summary["source"][s], "dann": dann, "wall_s": time.time() - t1},
                   f, indent=1, default=float)
     summary["dann"].update(dann)
   summary["wall_s"] = time.time() - t0
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=float)
+  write_report(summary, seeds, args.out)
+
+
+def write_report(summary, seeds, out):
   table = report(summary, seeds)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
+  with open(os.path.join(out, "table.md"), "w") as f:
     f.write(table)
   print(table)
 
@@ -167,6 +180,20 @@ def report(summary, seeds) -> str:
     rho, tau = stats.spearmanr(x, y)[0], stats.kendalltau(x, y)[0]
     summary["rank"][d] = {"spearman": float(rho), "kendall": float(tau), "n": len(x)}
     lines.append(f"| {d} | {len(x)} | {rho:+.3f} | {tau:+.3f} |")
+  # The paper's use: pick a run's checkpoint by the score, without target labels.
+  lines += ["", "Checkpoint selection within each run (source and DANN runs, every seed): the "
+            "target accuracy of the checkpoint with the highest Transfer Score, of the last "
+            "checkpoint, and of the best one (an oracle that reads target labels):", "",
+            "| target | runs | picked by Transfer Score | last | oracle best |",
+            "|---|---|---|---|---|"]
+  for d in DOMAINS:
+    runs = [summary["source"][s]["records"] for s in seeds]
+    runs += [summary["dann"][f"{d}/{s}"] for s in seeds]
+    picked = [max(r, key=lambda x: x[f"transfer_{d}/transfer_score"])[f"eval_{d}/accuracy"]
+              for r in runs]
+    last = [r[-1][f"eval_{d}/accuracy"] for r in runs]
+    best = [max(x[f"eval_{d}/accuracy"] for x in r) for r in runs]
+    lines.append(f"| {d} | {len(runs)} | {fmt(picked)} | {fmt(last)} | {fmt(best)} |")
   plot(acc, pool, arms)
   return "\n".join(lines) + "\n"
 
