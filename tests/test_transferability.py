@@ -182,3 +182,41 @@ def test_bad_input_keywords():
     T.ped_dynamics(f, y, reference_features=np.zeros((5, 3)))
   with pytest.raises(ValueError, match="num_classes"):
     jax.jit(T.leep)(np.eye(4)[y], y)
+
+
+def test_export_features_are_the_models_and_few_shot_is_the_fine_tunes_subset(exports,
+                                                                                data_dir):
+  """export_features of the base export on digits 5-9 (a target of other classes): the head's
+  input and output as the model computes them, labels remapped to 0..4, and few_shot keeps
+  exactly the examples_per_class draw a few-shot fine-tune reads; estimate_all scores them."""
+  from conftest import tiny_vit_config
+  from jax_transfer import checkpoint
+  from jax_transfer import data
+  from jax_transfer.data import pipeline
+  from jax_transfer.evaluators.common import load_export
+  target = tiny_vit_config(data_dir, "transfer,runlocal").input
+  target.subset_seed = 3
+  dev = jax.devices()[:1]
+  full = T.export_features(exports["base"], target, "train", devices=dev)
+  few = T.export_features(exports["base"], target, "train", few_shot=True, devices=dev)
+  idx = pipeline.select_indices(target, "train", few_shot=False)
+  assert full["features"].shape[0] == len(idx) == len(full["label"])
+  assert set(np.unique(full["label"])) == set(range(5))
+  assert few["features"].shape[0] == 5 * target.examples_per_class
+  assert np.bincount(few["label"]).tolist() == [target.examples_per_class] * 5
+  rows = np.isin(idx, pipeline.select_indices(target, "train", few_shot=True))
+  np.testing.assert_array_equal(few["features"], full["features"][rows])
+
+  method, params, _ = load_export(exports["base"], devices=dev)
+  images = next(iter(pipeline.make_eval_iterator(target, "train", batch_size=8)))["image"]
+  images = data.normaliser(target, train=False)({"image": images})["image"]
+  logits, aux = method.apply_eval(params, images)
+  np.testing.assert_allclose(full["logits"][:8], logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(full["features"][:8], aux["pre_logits"], rtol=1e-5, atol=1e-5)
+  assert full["logits"].shape[1] == checkpoint.load_export_params(
+      exports["base"])["head"]["kernel"].shape[-1]
+
+  scores = T.estimate_all(few["features"], few["logits"], few["label"])
+  assert list(scores) == list(T.ESTIMATORS) and all(np.isfinite(v) for v in scores.values())
+  assert scores["logme"] == T.logme(few["features"], few["label"])
+  assert -np.log(full["logits"].shape[1]) - 1e-6 <= scores["leep"] <= 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -44,6 +45,28 @@ def embed_split(jfn: Callable, params, input_cfg, split: str, batch_size: int, m
   result = {"out": np.concatenate(outs)[:limit]}
   result.update({k: np.concatenate(v)[:limit] for k, v in cols.items()})
   return result
+
+
+class HeadOutputs:
+  """The head's logits [N, C] and its input features [N, D] of every example of a split:
+  apply_fn(params, images[, extra]) -> (logits, aux) with aux['pre_logits'] (models/vit.py,
+  models/resnet.py; a supervised method's apply_eval); with_extra=True passes the method
+  state (BN running statistics). Jitted once, at construction."""
+
+  def __init__(self, apply_fn: Callable, with_extra: bool = False):
+    def both(pe, images):
+      logits, aux = apply_fn(pe[0], images, pe[1]) if with_extra else apply_fn(pe[0], images)
+      return jnp.concatenate([logits.astype(jnp.float32),
+                              aux["pre_logits"].astype(jnp.float32)], -1)
+    self._both = jax.jit(both)
+
+  def __call__(self, params, extra, num_classes: int, input_cfg, split: str, batch_size: int,
+               mesh, keep: tuple[str, ...] = (), limit: int | None = None):
+    """(logits, features, {column: [N]} of `keep`); only the image column is fed."""
+    emb = embed_split(self._both, (params, extra), input_cfg, split, batch_size, mesh,
+                      inputs=lambda b: {"images": b["image"]}, keep=keep, limit=limit)
+    out = emb.pop("out")
+    return out[:, :num_classes], out[:, num_classes:], emb
 
 
 def load_export(export_dir: str, data_dir: str | None = None, devices=None):

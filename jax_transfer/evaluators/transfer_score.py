@@ -26,12 +26,10 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jax_transfer import config as config_lib
-from jax_transfer.evaluators.common import embed_split, load_export, to_host
+from jax_transfer.evaluators.common import HeadOutputs, load_export, to_host
 
 REFERENCE_BATCH_SIZE = 32  # train.py's --batch-size default: the target loader's batches.
 
@@ -153,19 +151,14 @@ class TransferScoreEvaluator:
     self._input, self._split, self._mesh, self._batch_size = input_cfg, split, mesh, batch_size
     self._with_extra, self._limit = with_extra, limit
     self._kw = dict(seed=seed, m=m, batch_size=entropy_batch_size)
-
-    def both(pe, images):
-      logits, aux = apply_fn(pe[0], images, pe[1]) if with_extra else apply_fn(pe[0], images)
-      return jnp.concatenate([logits.astype(jnp.float32),
-                              aux["pre_logits"].astype(jnp.float32)], -1)
-    self._both = jax.jit(both)
+    self._outputs = HeadOutputs(apply_fn, with_extra)
 
   def run(self, params, extra=None) -> dict:
     kernel = to_host(nn.unbox(params)["head"]["kernel"])
-    emb = embed_split(self._both, (params, extra), self._input, self._split, self._batch_size,
-                      self._mesh, inputs=lambda b: {"images": b["image"]}, limit=self._limit)
-    c = kernel.shape[-1]
-    return transfer_score(emb["out"][:, c:], emb["out"][:, :c], kernel, **self._kw)
+    logits, features, _ = self._outputs(params, extra, kernel.shape[-1], self._input,
+                                        self._split, self._batch_size, self._mesh,
+                                        limit=self._limit)
+    return transfer_score(features, logits, kernel, **self._kw)
 
 
 def for_method(method, dataset: str | None = None, split: str | None = None,
@@ -175,9 +168,7 @@ def for_method(method, dataset: str | None = None, split: str | None = None,
   c = method.config
   input_cfg = c.input if dataset is None else config_lib.eval_input(c.input, dataset)
   kwargs.setdefault("name", f"transfer_{dataset or c.input.dataset}")
-  apply = lambda p, images, extra=None: method.model.apply(  # pylint: disable=protected-access
-      method._variables(p, extra), images, train=False)
-  return TransferScoreEvaluator(apply, input_cfg, split or c.eval.split, c.eval.batch_size,
+  return TransferScoreEvaluator(method.apply_eval, input_cfg, split or c.eval.split, c.eval.batch_size,
                                 method.mesh, c.eval_every_steps,
                                 with_extra=method.has_batch_stats, **kwargs)
 

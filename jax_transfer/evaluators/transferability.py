@@ -267,3 +267,54 @@ def ped(features, labels, *, score: Callable = logme, num_classes: int | None = 
   y = np.asarray(labels)
   moved = np.asarray(features, np.float64) + np.asarray(offsets, np.float64)[y]
   return float(score(moved, y))
+
+
+# ------------------------------------------------------------------ Over an export's features.
+
+
+def export_features(export_dir: str, input_cfg=None, split: str = "train", *,
+                    few_shot: bool = False, data_dir: str | None = None, devices=None,
+                    batch_size: int = 256) -> dict[str, np.ndarray]:
+  """{'features' [N, D] (the head's input), 'logits' [N, Z] (the export's own head, over its
+  source classes: LEEP's θ), 'label' [N]} of every example of `split` of input_cfg's dataset
+  (the labelled target set; default the export's own input) through a supervised export, BN
+  running statistics included. `few_shot`: only the input_cfg.examples_per_class examples
+  (subset_seed) that a few-shot fine-tune with input_cfg reads. input_cfg's preprocessing
+  is used as given: pass the fine-tune's (config.init_from_export resizes to the export's
+  image size)."""
+  from jax_transfer.data import pipeline  # pylint: disable=g-import-not-at-top
+  from jax_transfer.evaluators.common import HeadOutputs, load_export  # pylint: disable=g-import-not-at-top
+  method, params, stats = load_export(export_dir, data_dir, devices)
+  if not hasattr(method, "apply_eval") or "head" not in params:
+    raise ValueError(f"{export_dir}: a {method.config.method!r} export is not a classifier "
+                     f"with a head/ (supervised, dann)")
+  extra = {"batch_stats": stats} if method.has_batch_stats and stats is not None else None
+  input_cfg = method.config.input if input_cfg is None else input_cfg
+  outputs = HeadOutputs(method.apply_eval, method.has_batch_stats)
+  logits, features, cols = outputs(params, extra, np.shape(params["head"]["kernel"])[-1],
+                                   input_cfg, split, batch_size, method.mesh, keep=("label",))
+  out = {"features": features, "logits": logits, "label": cols["label"].astype(np.int64)}
+  if few_shot:
+    rows = np.isin(pipeline.select_indices(input_cfg, split, few_shot=False),
+                   pipeline.select_indices(input_cfg, split, few_shot=True))
+    out = {k: v[rows] for k, v in out.items()}
+  return out
+
+
+ESTIMATORS = ("logme", "leep", "h_score", "h_score_shrunk", "ped")
+
+
+def estimate_all(features, source_logits, labels, num_classes: int | None = None
+                 ) -> dict[str, float]:
+  """Every estimator of this module on one labelled target set: LogME, LEEP (softmax of the
+  source head's logits), H-score, H-score with Ledoit-Wolf shrinkage (Ibrahim et al.; stable
+  when N is near or below D) and PED (its dynamics, then LogME)."""
+  f = np.asarray(features, np.float64)
+  z = np.asarray(source_logits, np.float64)
+  probs = np.exp(z - z.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  kw = {"num_classes": num_classes}
+  return {"logme": logme(f, labels), "leep": leep(probs.astype(np.float32), labels, **kw),
+          "h_score": h_score(f.astype(np.float32), labels, **kw),
+          "h_score_shrunk": h_score(f.astype(np.float32), labels, shrinkage="ledoit_wolf", **kw),
+          "ped": ped(f.astype(np.float32), labels, **kw)}

@@ -162,9 +162,14 @@ class Supervised(Method):
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, ({"accuracy": accuracy}, extra)
 
+  def apply_eval(self, params, images, extra=None):
+    """(logits, aux) in eval mode, aux['pre_logits'] the head's input (the features), with
+    the running statistics of `extra` (a BN model's; None: no BatchNorm)."""
+    return self.model.apply(self._variables(params, extra), images, train=False)
+
   def predict(self, params, images, extra=None):
     """Logits with the running statistics of `extra` (a BN model's; None: no BatchNorm)."""
-    return self.model.apply(self._variables(params, extra), images, train=False)[0]
+    return self.apply_eval(params, images, extra)[0]
 
   def evaluators(self):
     """'eval' on input.dataset's eval.split, and one 'eval_<dataset>' per eval.datasets (the
