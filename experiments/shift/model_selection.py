@@ -174,7 +174,9 @@ def report(summary) -> str:
             "the fine-tune reads (mean over seeds); 'per seed': mean ± std over seeds of τ "
             f"between the estimator and the accuracy of the same draw; 'all labels': on all "
             f"{n_all} labelled 5-9 training images.", "",
-            "| predictor | τ, few-shot set | τ per seed | τ, all labels |", "|---|---|---|---|"]
+            "| predictor | τ, few-shot set | τ per seed | τ, all labels | τ, ViTs only, "
+            "few-shot set | τ, ViTs only, all labels |", "|---|---|---|---|---|---|"]
+  vit = np.array([models[n]["model"] == "vit" for n in names])
   kt = lambda x, y: stats.kendalltau(x, y)[0]
   summary["tau"] = {}
   rows = [("source accuracy (baseline)",
@@ -184,11 +186,12 @@ def report(summary) -> str:
     tau, rho = kt(score, acc), stats.spearmanr(score, acc)[0]
     cells = [f"{tau:+.3f} ({rho:+.3f})"]
     if seeds is None:
-      cells += ["—", "—"]
+      cells += ["—", "—", f"{kt(score[vit], acc[vit]):+.3f}", "—"]
     else:
       ps = [kt(seeds[:, s], per_seed_acc[:, s]) for s in range(seeds.shape[1])]
       cells += [f"{np.mean(ps):+.3f} ± {np.std(ps):.3f}",
-                f"{kt(all_, acc):+.3f} ({stats.spearmanr(all_, acc)[0]:+.3f})"]
+                f"{kt(all_, acc):+.3f} ({stats.spearmanr(all_, acc)[0]:+.3f})",
+                f"{kt(score[vit], acc[vit]):+.3f}", f"{kt(all_[vit], acc[vit]):+.3f}"]
     summary["tau"][label] = cells
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   plot(names, acc, few, models)
