@@ -6,7 +6,10 @@ Pool (every member trained and exported here, through train.train_and_evaluate a
 module): a ViT-mu/2 (digits_vit.py) pretrained on digits 0-4 of each embedded domain (digits,
 digits_rotated, digits_inverted, digits_noisy) for --short and --long steps, and a BatchNorm
 resnet_tiny (shift/digits_dann.py's source recipe, method='supervised') on digits and
-digits_noisy: 10 models of two architectures, four source domains, two training lengths.
+digits_noisy; and TLEG learngene descendants at init: the learngene (digits_aux.py, L_aux = 8,
+distilled for --long steps from the pool's own ViT on digits, 600 steps) expanded to depths
+LEARNGENE_DEPTHS and exported as plain ViTs (gap pooling, the 0-4 head the auxiliary model
+learned). 12 models of three kinds, four source domains, two training lengths.
 
 Target task: digits 5-9 (classes no member saw) with --shots labels per class, the few-shot
 fine-tune of digits_vit.py:transfer from each export (config.init_from_export: everything but
@@ -36,10 +39,12 @@ import time
 import numpy as np
 
 DOMAINS = ("digits", "digits_rotated", "digits_inverted", "digits_noisy")
+LEARNGENE_DEPTHS = (4, 8)
 
 
 def pool(args):
-  """[(name, pretraining config)]: ViTs per domain x length, then the BN ResNets."""
+  """[(name, pretraining config)]: ViTs per domain x length, then the BN ResNets, then the
+  learngene descendants (config None: built by learngene_member)."""
   from ml_collections_configs.shift import digits_dann
   from ml_collections_configs.supervised import digits_vit
   out = []
@@ -65,7 +70,44 @@ def pool(args):
     c.seed = 0
     if args.data_dir:
       c.input.data_dir = args.data_dir
-  return out
+  return out + [(f"learngene_d{d}_{args.long}", None) for d in LEARNGENE_DEPTHS]
+
+
+def pretrain_member(cfg, wd):
+  """Train `cfg` (resumed if its workdir has it) and export it: (export dir, source accuracy)."""
+  from jax_transfer import export as export_lib, train
+  _, final = train.train_and_evaluate(cfg, os.path.join(wd, "pretrain"))
+  export_dir = os.path.join(wd, "export")
+  if not os.path.exists(os.path.join(export_dir, "config.json")):
+    export_lib.export_workdir(os.path.join(wd, "pretrain"), export_dir)
+  return export_dir, final["eval/accuracy"]
+
+
+def learngene_member(args, depth, out, wd):
+  """TLEG: the auxiliary model distilled from the pool's digits ViT (long), its learngene
+  expanded to `depth` and exported as a supervised ViT (digits_descendant.py's architecture
+  on the upstream classes 0-4); (export dir, its digits 0-4 test accuracy untrained)."""
+  from jax_transfer import checkpoint
+  from jax_transfer.evaluators.common import load_export
+  from jax_transfer.models import learngene
+  from ml_collections_configs.learngene import digits_aux, digits_descendant
+  aux = digits_aux.get_config("")
+  aux.total_steps = args.long
+  aux.learngene.teacher_dir = os.path.join(out, f"vit_digits_{args.long}", "export")
+  if args.data_dir:
+    aux.input.data_dir = args.data_dir
+  lg_dir, _ = pretrain_member(aux, os.path.join(out, f"learngene_{args.long}"))
+  c = digits_descendant.get_config(f"depth={depth}")
+  c.input.classes = aux.input.classes
+  c.input.examples_per_class = None
+  c.input.data_dir = aux.input.data_dir
+  export_dir = os.path.join(wd, "export")
+  if not os.path.exists(os.path.join(export_dir, "config.json")):
+    params = learngene.expand(checkpoint.load_export_params(lg_dir), depth)
+    checkpoint.export(params, c, export_dir)
+  method, params, _ = load_export(export_dir)
+  ev = next(e for e in method.evaluators() if e.name == "eval")
+  return export_dir, ev.run(params)["accuracy"]
 
 
 def fine_tune_config(args, export_dir, seed):
@@ -85,15 +127,18 @@ def fine_tune_config(args, export_dir, seed):
 
 
 def run_member(args, name, cfg, out):
-  from jax_transfer import export as export_lib, train
+  from jax_transfer import train
   from jax_transfer.evaluators import transferability as T
   wd = os.path.join(out, name)
-  _, final = train.train_and_evaluate(cfg, os.path.join(wd, "pretrain"))
-  export_dir = os.path.join(wd, "export")
-  if not os.path.exists(os.path.join(export_dir, "config.json")):
-    export_lib.export_workdir(os.path.join(wd, "pretrain"), export_dir)
-  rec = {"source_accuracy": final["eval/accuracy"], "fine_tune": [], "few_shot": [],
-         "model": cfg.model_name, "source": cfg.input.dataset, "steps": cfg.total_steps}
+  if cfg is None:
+    export_dir, source_acc = learngene_member(args, int(name.split("_d")[1].split("_")[0]),
+                                              out, wd)
+    kind, source, steps = "learngene", "digits", args.long
+  else:
+    export_dir, source_acc = pretrain_member(cfg, wd)
+    kind, source, steps = cfg.model_name, cfg.input.dataset, cfg.total_steps
+  rec = {"source_accuracy": source_acc, "fine_tune": [], "few_shot": [],
+         "model": kind, "source": source, "steps": steps}
   for s in range(args.seeds):
     c = fine_tune_config(args, export_dir, s)
     _, ft = train.train_and_evaluate(c, os.path.join(wd, f"fine_tune_s{s}"))
@@ -174,8 +219,8 @@ def report(summary) -> str:
             "the fine-tune reads (mean over seeds); 'per seed': mean ± std over seeds of τ "
             f"between the estimator and the accuracy of the same draw; 'all labels': on all "
             f"{n_all} labelled 5-9 training images.", "",
-            "| predictor | τ, few-shot set | τ per seed | τ, all labels | τ, ViTs only, "
-            "few-shot set | τ, ViTs only, all labels |", "|---|---|---|---|---|---|"]
+            "| predictor | τ, few-shot set | τ per seed | τ, all labels | τ, pretrained ViTs, "
+            "few-shot set | τ, pretrained ViTs, all labels |", "|---|---|---|---|---|---|"]
   vit = np.array([models[n]["model"] == "vit" for n in names])
   kt = lambda x, y: stats.kendalltau(x, y)[0]
   summary["tau"] = {}
@@ -216,13 +261,14 @@ def plot(names, acc, few, models):
     for i, n in enumerate(names):
       m = models[n]
       ax.scatter(v[i].mean(), acc[i], color=colors[m["source"]],
-                 marker="s" if m["model"].startswith("resnet") else
+                 marker="s" if m["model"].startswith("resnet") else "*" if
+                 m["model"] == "learngene" else
                  ("o" if m["steps"] == max(models[k]["steps"] for k in names) else "^"),
                  label=m["source"] if i < len(colors) else None)
     ax.set_xlabel(f"{e} (few-shot set)")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("fine-tuned accuracy, digits 5-9")
-  axes[0].legend(fontsize=7, title="source (o long, ^ short, ■ ResNet)", title_fontsize=7)
+  axes[0].legend(fontsize=7, title="source (o long, ^ short, ■ ResNet, * learngene)", title_fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(os.path.dirname(__file__), "model_selection.png"), dpi=110)
 
