@@ -268,7 +268,8 @@ def plot(names, acc, few, models):
     ax.set_xlabel(f"{e} (few-shot set)")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("fine-tuned accuracy, digits 5-9")
-  axes[0].legend(fontsize=7, title="source (o long, ^ short, ■ ResNet, * learngene)", title_fontsize=7)
+  axes[-1].legend(fontsize=7, loc="center left", title="source\no long, ^ short ViT\n■ ResNet, * learngene",
+                 title_fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(os.path.dirname(__file__), "model_selection.png"), dpi=110)
 
