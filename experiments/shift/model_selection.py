@@ -31,12 +31,18 @@ Command (results: experiments/RESULTS.md, "Choosing what to transfer"):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))))  # the repository root: experiments.*, as experiments/peft/transfer_peft.py
+from experiments.shift import cached_json  # noqa: E402
 
 DOMAINS = ("digits", "digits_rotated", "digits_inverted", "digits_noisy")
 LEARNGENE_DEPTHS = (4, 8)
@@ -139,13 +145,16 @@ def run_member(args, name, cfg, out):
     kind, source, steps = cfg.model_name, cfg.input.dataset, cfg.total_steps
   rec = {"source_accuracy": source_acc, "fine_tune": [], "few_shot": [],
          "model": kind, "source": source, "steps": steps}
+  # One pass over all labelled 5-9 training images; each seed's few-shot set is a subset of
+  # those rows (the seeds differ only in subset_seed).
+  f = T.export_features(export_dir, fine_tune_config(args, export_dir, 0).input, "train")
   for s in range(args.seeds):
     c = fine_tune_config(args, export_dir, s)
     _, ft = train.train_and_evaluate(c, os.path.join(wd, f"fine_tune_s{s}"))
     rec["fine_tune"].append(ft["eval/accuracy"])
-    f = T.export_features(export_dir, c.input, "train", few_shot=True)
-    rec["few_shot"].append(T.estimate_all(f["features"], f["logits"], f["label"]))
-  f = T.export_features(export_dir, fine_tune_config(args, export_dir, 0).input, "train")
+    rows = T.few_shot_rows(c.input, "train")
+    rec["few_shot"].append(T.estimate_all(f["features"][rows], f["logits"][rows],
+                                          f["label"][rows]))
   rec["all_labels"] = T.estimate_all(f["features"], f["logits"], f["label"])
   rec["num_all_labels"] = int(len(f["label"]))
   return rec
@@ -174,16 +183,8 @@ def main():
   t0 = time.time()
   summary = {"args": key, "models": {}}
   for name, cfg in pool(args):
-    path = os.path.join(out, "models", f"{name}.json")
-    cached = json.load(open(path)) if os.path.exists(path) else None
-    if cached and cached["args"] == key:
-      rec = cached["record"]
-    else:
-      t1 = time.time()
-      rec = run_member(args, name, cfg, out)
-      rec["wall_s"] = time.time() - t1
-      with open(path, "w") as f:
-        json.dump({"args": key, "record": rec}, f, indent=1, default=float)
+    rec = cached_json(os.path.join(out, "models", f"{name}.json"), key,
+                      functools.partial(run_member, args, name, cfg, out))
     summary["models"][name] = rec
     print(f"{name}: source {rec['source_accuracy']:.3f} fine-tuned "
           f"{np.mean(rec['fine_tune']):.3f}", flush=True)

@@ -25,9 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))))  # the repository root: experiments.*, as experiments/peft/transfer_peft.py
+from experiments.shift import cached_json  # noqa: E402
 
 DOMAINS = ("digits_rotated", "digits_inverted", "digits_noisy")
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -51,8 +56,11 @@ def base(args, seed, target):
 
 
 def records(workdir):
+  """The run's evaluations, one per step (a resumed run evaluates its last step again: the
+  latest record of a step is kept)."""
   from jax_transfer.metrics import read_jsonl
-  return [r for r in read_jsonl(workdir) if "eval/accuracy" in r]
+  by_step = {r["step"]: r for r in read_jsonl(workdir) if "eval/accuracy" in r}
+  return [by_step[k] for k in sorted(by_step)]
 
 
 def run_source(args, seed, out):
@@ -106,24 +114,17 @@ def main():
     return write_report(summary, seeds, args.out)
   t0 = time.time()
   summary = {"args": vars(args), "source": {}, "dann": {}}
+  key = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "report_only")}
   for s in seeds:
     # Each seed's results are saved as soon as they exist, so a stopped run resumes at the
     # next seed (a seed's file is reused only when its settings are the same).
-    path = os.path.join(args.out, f"seed{s}.json")
-    cached = json.load(open(path)) if os.path.exists(path) else None
-    key = {k: v for k, v in vars(args).items() if k not in ("seeds", "report_only")}
-    if cached and cached["args"] == key:
-      summary["source"][s], dann = cached["source"], cached["dann"]
-    else:
-      t1 = time.time()
+    def one_seed(s=s):
       recs, tta = run_source(args, s, args.out)
-      summary["source"][s] = {"records": recs, "test_time": tta}
-      dann = {f"{d}/{s}": run_dann(args, s, d, args.out) for d in DOMAINS}
-      with open(path, "w") as f:
-        json.dump({"args": key,
-                   "source": summary["source"][s], "dann": dann, "wall_s": time.time() - t1},
-                  f, indent=1, default=float)
-    summary["dann"].update(dann)
+      return {"source": {"records": recs, "test_time": tta},
+              "dann": {f"{d}/{s}": run_dann(args, s, d, args.out) for d in DOMAINS}}
+    rec = cached_json(os.path.join(args.out, f"seed{s}.json"), key, one_seed)
+    summary["source"][s] = rec["source"]
+    summary["dann"].update(rec["dann"])
   summary["wall_s"] = time.time() - t0
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=float)

@@ -70,10 +70,12 @@ class HeadOutputs:
 
 
 def load_export(export_dir: str, data_dir: str | None = None, devices=None):
-  """(method, params, batch_stats or None) of an export, for an evaluator to run: the method as
+  """(method, params, extra) of an export, for an evaluator to run: the method as
   merge.export_method builds it (per-block layout, the export's tokenizer, its data read from
-  `data_dir` when given), on the export config's mesh over `devices`."""
+  `data_dir` when given), on the export config's mesh over `devices`; extra is
+  {'batch_stats': ...} for a BN model whose export has its running statistics, else None."""
   from jax_transfer import checkpoint, merge
   _, method = merge.export_method(export_dir, data_dir=data_dir, devices=devices)
-  return (method, checkpoint.load_export_params(export_dir),
-          checkpoint.load_export_batch_stats(export_dir))
+  stats = checkpoint.load_export_batch_stats(export_dir)
+  extra = {"batch_stats": stats} if method.has_batch_stats and stats is not None else None
+  return method, checkpoint.load_export_params(export_dir), extra

@@ -219,9 +219,9 @@ def evaluate_export(export_dir: str, dataset: str | None = None, split: str | No
                     data_dir: str | None = None, devices=None, **kwargs) -> dict[str, float]:
   """The side-by-side table of a supervised BN export (its params and running statistics)
   on `dataset`'s `split`."""
-  method, params, stats = load_export(export_dir, data_dir, devices)
-  ev = for_method(method, dataset, split, **kwargs)
-  if stats is None:
+  method, params, extra = load_export(export_dir, data_dir, devices)
+  ev = for_method(method, dataset, split, **kwargs)  # refuses a model without BatchNorm
+  if extra is None:
     raise ValueError(f"{export_dir}: the export has no BatchNorm statistics (batch_stats); "
                      f"re-export the run without --adapter_only")
-  return ev.run(params, {"batch_stats": stats})
+  return ev.run(params, extra)

@@ -168,8 +168,8 @@ def for_method(method, dataset: str | None = None, split: str | None = None,
   c = method.config
   input_cfg = c.input if dataset is None else config_lib.eval_input(c.input, dataset)
   kwargs.setdefault("name", f"transfer_{dataset or c.input.dataset}")
-  return TransferScoreEvaluator(method.apply_eval, input_cfg, split or c.eval.split, c.eval.batch_size,
-                                method.mesh, c.eval_every_steps,
+  return TransferScoreEvaluator(method.apply_eval, input_cfg, split or c.eval.split,
+                                c.eval.batch_size, method.mesh, c.eval_every_steps,
                                 with_extra=method.has_batch_stats, **kwargs)
 
 
@@ -177,6 +177,5 @@ def score_export(export_dir: str, dataset: str | None = None, split: str | None 
                  data_dir: str | None = None, devices=None, **kwargs) -> dict[str, float]:
   """transfer_score of a supervised export (params, and BN statistics when it has them) on
   `dataset`'s `split`: for ranking checkpoints without target labels."""
-  method, params, stats = load_export(export_dir, data_dir, devices)
-  extra = {"batch_stats": stats} if method.has_batch_stats and stats is not None else None
+  method, params, extra = load_export(export_dir, data_dir, devices)
   return for_method(method, dataset, split, **kwargs).run(params, extra)

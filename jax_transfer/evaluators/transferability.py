@@ -282,23 +282,28 @@ def export_features(export_dir: str, input_cfg=None, split: str = "train", *,
   (subset_seed) that a few-shot fine-tune with input_cfg reads. input_cfg's preprocessing
   is used as given: pass the fine-tune's (config.init_from_export resizes to the export's
   image size)."""
-  from jax_transfer.data import pipeline  # pylint: disable=g-import-not-at-top
   from jax_transfer.evaluators.common import HeadOutputs, load_export  # pylint: disable=g-import-not-at-top
-  method, params, stats = load_export(export_dir, data_dir, devices)
+  method, params, extra = load_export(export_dir, data_dir, devices)
   if not hasattr(method, "apply_eval") or "head" not in params:
     raise ValueError(f"{export_dir}: a {method.config.method!r} export is not a classifier "
                      f"with a head/ (supervised, dann)")
-  extra = {"batch_stats": stats} if method.has_batch_stats and stats is not None else None
   input_cfg = method.config.input if input_cfg is None else input_cfg
   outputs = HeadOutputs(method.apply_eval, method.has_batch_stats)
   logits, features, cols = outputs(params, extra, np.shape(params["head"]["kernel"])[-1],
                                    input_cfg, split, batch_size, method.mesh, keep=("label",))
   out = {"features": features, "logits": logits, "label": cols["label"].astype(np.int64)}
   if few_shot:
-    rows = np.isin(pipeline.select_indices(input_cfg, split, few_shot=False),
-                   pipeline.select_indices(input_cfg, split, few_shot=True))
-    out = {k: v[rows] for k, v in out.items()}
+    out = {k: v[few_shot_rows(input_cfg, split)] for k, v in out.items()}
   return out
+
+
+def few_shot_rows(input_cfg, split: str) -> np.ndarray:
+  """bool [N] over export_features' rows of `split` (few_shot=False): True for the
+  input_cfg.examples_per_class examples (subset_seed) a few-shot fine-tune reads. Seeds that
+  differ only in subset_seed share one export_features call."""
+  from jax_transfer.data import pipeline  # pylint: disable=g-import-not-at-top
+  return np.isin(pipeline.select_indices(input_cfg, split, few_shot=False),
+                 pipeline.select_indices(input_cfg, split, few_shot=True))
 
 
 ESTIMATORS = ("logme", "leep", "h_score", "h_score_shrunk", "ped")

@@ -18,8 +18,11 @@ Other targets: --config.dann.target_dataset=digits_noisy (or digits_inverted) to
 Command:
   python -m jax_transfer.main --config=ml_collections_configs/shift/digits_dann.py \
     --workdir=/tmp/dann
-Measured (`tiny` at width 16, 800 steps, every target, 3 seeds) by experiments/shift/run.py:
-experiments/RESULTS.md, "Transfer under covariate shift". tests/test_dann.py runs
+Measured by experiments/shift/run.py (`tiny` at width 16, discriminator 256, 800 steps, each
+target, 3 seeds; 2 CPU cores, Intel Xeon, 360 s for all 12 runs with the source-only ones):
+digits 0-4 -> target test accuracy, DANN vs source-only, mean over seeds:
+  digits_rotated 0.888 vs 0.673, digits_inverted 0.416 vs 0.299, digits_noisy 0.757 vs 0.664.
+Tables: experiments/RESULTS.md, "Transfer under covariate shift". tests/test_dann.py runs
 `tiny,runlocal` and `vit,runlocal`.
 """
 import ml_collections
