@@ -20,11 +20,15 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 import numpy as np
 
 from jax_transfer.config import with_overrides as _set
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))))  # the repository root, for experiments.learngene.pool
 
 
 def curves(workdir):
