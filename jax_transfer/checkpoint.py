@@ -268,6 +268,29 @@ def _load_flat(export_dir: str) -> dict[str, np.ndarray]:
   return st_load(os.path.join(export_dir, "params.safetensors"))
 
 
+def export_shapes(export_dir: str) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of an export's parameters, from the safetensors header alone (no tensor is
+  read: cheap for a ViT-H too)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  load_export_config(export_dir)
+  path = os.path.join(export_dir, "params.safetensors")
+  try:
+    with safe_open(path, framework="np") as f:
+      return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError: not a ValueError)
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def input_channels(export_dir: str) -> int | None:
+  """The image channels an export's ViT (or two-tower image tower) patch embedding takes,
+  None for other models."""
+  shapes = export_shapes(export_dir)
+  for key in ("embedding/kernel", "img/embedding/kernel"):
+    if len(shapes.get(key, ())) == 4:
+      return int(shapes[key][2])
+  return None
+
+
 def load_export_params(export_dir: str):
   """A (full) export's parameters, per-block; an adapter export is refused, naming the way
   to apply it."""

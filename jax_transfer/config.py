@@ -207,6 +207,11 @@ def _check_input(input_cfg) -> None:
   if sizes["pp"] != sizes["pp_eval"] and None not in sizes.values():
     raise ConfigError(f"input.pp makes {sizes['pp']} images but input.pp_eval makes "
                       f"{sizes['pp_eval']}; the model takes one size")
+  channels = {k: r.out_channels for k, r in recipes.items()}
+  if channels["pp"] != channels["pp_eval"]:
+    pp, pp_eval = (channels[k] or "the dataset's" for k in ("pp", "pp_eval"))
+    raise ConfigError(f"input.pp makes {pp} channels but input.pp_eval {pp_eval} (to_rgb in "
+                      "one only); the model takes one channel count")
   for key, recipe in recipes.items():
     size = input_cfg.get("image_size")
     if size and recipe.out_size is not None and recipe.out_size != (size, size):
@@ -372,6 +377,16 @@ def use_export_tokenizer(c: ml_collections.ConfigDict, export_dir: str) -> None:
     c.contrastive.tokenizer_path = tok
 
 
+def _dataset_channels(input_cfg) -> "int | None":
+  """The channels of input_cfg.dataset's images, None when its metadata cannot be read here
+  (validate names the dataset then)."""
+  from jax_transfer import data  # pylint: disable=g-import-not-at-top
+  try:
+    return data.dataset_info(input_cfg.dataset, input_cfg.get("data_dir"))["image_shape"][2]
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def init_from_export(c: ml_collections.ConfigDict, export_dir: str, *,
                      keep_head: bool) -> ml_collections.ConfigDict:
   """Fine-tune an export (a run's, or an imported published checkpoint's) with config `c`:
@@ -399,8 +414,11 @@ def init_from_export(c: ml_collections.ConfigDict, export_dir: str, *,
   if size:
     c.input.image_size = size
   norm = preprocess.get_recipe(exported.input, train=False).ops[-1]
+  grey_to_rgb = _dataset_channels(c.input) == 1 and checkpoint.input_channels(export_dir) == 3
   if norm.startswith(("value_range", "normalize")):
-    c.input.pp = f'decode|resize({size}, "pil_bilinear")|{norm}' if size else ""
+    resize = f'|resize({size}, "pil_bilinear")' if size else ""
+    rgb = "|to_rgb" if grey_to_rgb else ""
+    c.input.pp = f"decode{resize}{rgb}|{norm}" if size or rgb else ""
     c.input.pp_eval = c.input.pp
   use_export_tokenizer(c, export_dir)
   if exported.get("contrastive") is not None and c.get("contrastive") is not None:

@@ -1,4 +1,5 @@
 """python -m jax_transfer.export --workdir=W --out=DIR [--adapter_only]
+   python -m jax_transfer.export --from_export=CLIP_EXPORT --tower=img --out=DIR
 
 Writes the newest checkpoint's parameters as DIR/params.safetensors + DIR/params.msgpack and
 the run's config as DIR/config.json (a BatchNorm model's running statistics, the state's
@@ -9,6 +10,12 @@ parameters and is loaded wrapped (checkpoint.export). --adapter_only: only the p
 PEFT run trained, plus DIR/base.json fingerprinting its base (init.export_dir); apply it with
 `load_pretrained(BASE, adapter_dir=DIR)` or --config.init.adapter_dir (checkpoint.py's
 "Adapter exports").
+
+--tower=img (export_tower): the image tower of a two-tower (CLIP / ALIGN / SigLIP) export,
+yours or an imported checkpoint's, as a plain `vit` export without a head: big_vision's
+`model_init='ckpt.npz:img'`. Its features are the tower's pooled output before img_proj (the
+contrastive model's aux['img_features']), so config.init_from_export fine-tunes it as a
+classifier (a new head on them) like any ViT export, or probes it.
 """
 from __future__ import annotations
 
@@ -29,7 +36,15 @@ def _define_flags():  # Only when run as a CLI, so importing this module defines
   flags.DEFINE_string("out", None, "Export directory to write.")
   flags.DEFINE_bool("adapter_only", False, "Write only the PEFT run's trained parameters "
                     "and a fingerprint of its base export (init.export_dir).")
-  flags.mark_flags_as_required(["workdir", "out"])
+  flags.DEFINE_string("from_export", None, "With --tower: a two-tower export to take the "
+                      "tower from (instead of --workdir).")
+  flags.DEFINE_string("tower", None, "'img': write --from_export's image tower as a plain "
+                      "ViT export (export_tower).")
+  flags.mark_flags_as_required(["out"])
+  flags.register_validator(
+      "workdir", lambda _: (flags.FLAGS.workdir is None) != (flags.FLAGS.from_export is None)
+      and (flags.FLAGS.from_export is None) == (flags.FLAGS.tower is None),
+      "give --workdir, or --from_export with --tower")
 
 
 def export_workdir(workdir: str, out: str, adapter_only: bool = False) -> int:
@@ -62,14 +77,66 @@ def export_workdir(workdir: str, out: str, adapter_only: bool = False) -> int:
   return step
 
 
+TOWERS = ("img",)
+
+
+def export_tower(export_dir: str, out: str, tower: str = "img") -> ml_collections.ConfigDict:
+  """Writes the `tower` of the two-tower export `export_dir` to `out` as a plain export of a
+  headless `vit` (num_classes 0): the tower's parameters (img/... -> ...), its geometry and
+  the TwoTowers fields it was built with (pooling, pre-norm, LayerNorm eps, GELU form, patch
+  bias), method 'supervised', and the export's input section (image size, preprocessing
+  recipe), so init_from_export resizes and normalises as the tower was trained. Returns the
+  written config (config.tower_of names the source). Errors name the directory and the key
+  before anything is written."""
+  from jax_transfer import config as config_lib, models, peft  # pylint: disable=g-import-not-at-top
+  from jax_transfer.models.two_towers import image_geometry  # pylint: disable=g-import-not-at-top
+  if tower not in TOWERS:
+    raise ValueError(f"--tower={tower!r}: only the image tower exports as a classifier "
+                     f"backbone; allowed: {list(TOWERS)}")
+  src = checkpoint.load_export_config(export_dir)
+  if src.get("model_name") != "two_towers":
+    raise ValueError(f"{export_dir}: model_name {src.get('model_name')!r} is not a two-tower "
+                     "model; --tower takes a CLIP / ALIGN / SigLIP export")
+  if peft.from_config(src) is not None:
+    raise ValueError(f"{export_dir}: exported with peft.method {src.peft.method!r} (its PEFT "
+                     "parameters are not part of a plain ViT); merge or re-export it first")
+  tt = models.get_model("two_towers", **config_lib.model_kwargs(src.model))
+  model = dict(num_classes=0, pool=tt.image_pool, class_token=tt.image_class_token,
+               pre_norm=tt.pre_norm, patch_bias=tt.patch_bias, ln_eps=tt.ln_eps,
+               gelu_approximate=tt.gelu_approximate, quick_gelu=tt.quick_gelu,
+               attention_impl=tt.attention_impl, remat=tt.remat,
+               remat_policy=tt.remat_policy, scan_layers=tt.scan_layers,
+               **image_geometry(tt))
+  if "dtype" in src.model:
+    model["dtype"] = src.model.dtype
+  flat = checkpoint.flatten(checkpoint.load_export_params(export_dir))
+  params = {k[len(tower) + 1:]: v for k, v in flat.items() if k.startswith(f"{tower}/")}
+  if not params:
+    raise ValueError(f"{export_dir}: no {tower}/ parameters")
+  c = config_lib.base_config()
+  c.method = "supervised"
+  c.model_name = "vit"
+  c.model = ml_collections.ConfigDict(model)
+  c.input = ml_collections.ConfigDict(src.input.to_dict())
+  c.tower_of = ml_collections.ConfigDict({"export_dir": os.path.abspath(export_dir),
+                                          "tower": tower})
+  checkpoint.export(checkpoint.unflatten(params), c, out)
+  return c
+
+
 def main(argv):
   del argv
+  f = flags.FLAGS
   try:
-    step = export_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.adapter_only)
+    if f.tower:
+      export_tower(f.from_export, f.out, f.tower)
+      print(f"exported the {f.tower} tower of {f.from_export} to {f.out}")
+      return
+    step = export_workdir(f.workdir, f.out, f.adapter_only)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"exported step {step} of {flags.FLAGS.workdir} to {flags.FLAGS.out}")
+  print(f"exported step {step} of {f.workdir} to {f.out}")
 
 
 if __name__ == "__main__":

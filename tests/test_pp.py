@@ -156,6 +156,34 @@ def test_resize_methods():
   assert small.shape == (20, 27, 3)  # round(50 * 20 / 37) = 27.
 
 
+def test_to_rgb_repeats_grey_and_sets_the_model_channels(data_dir):
+  grey = _smooth_image(6, 5)[..., :1]
+  rgb = _run('decode|to_rgb', {'image': grey})['image']
+  assert rgb.shape == (6, 5, 3) and rgb.dtype == np.uint8
+  np.testing.assert_array_equal(rgb, np.asarray(Image.fromarray(grey[..., 0]).convert('RGB')))
+  colour = _smooth_image(6, 5)
+  np.testing.assert_array_equal(_run('to_rgb', {'image': colour})['image'], colour)
+  with pytest.raises(ValueError, match='to_rgb: an image of 2 channels'):
+    _run('to_rgb', {'image': colour[..., :2]})
+  r = registry.Preprocess('decode|resize(16)|to_rgb|value_range(-1, 1)')
+  assert (r.out_channels, r.head_out_channels) == (3, 3)
+  assert registry.Preprocess('decode|resize(16)').out_channels is None
+  # In the pipeline: the embedded 8x8 greyscale digits become 3-channel model inputs.
+  from conftest import tiny_vit_config
+  from jax_transfer import config as config_lib
+  c = tiny_vit_config(data_dir)
+  c.input.pp = 'decode|to_rgb|value_range(-1, 1)'
+  with pytest.raises(config_lib.ConfigError, match=r"input.pp makes 3 channels but "
+                     r"input.pp_eval the dataset's"):
+    config_lib.validate(c, 8)
+  c.input.pp_eval = c.input.pp
+  config_lib.validate(c, 8)
+  assert pipeline.image_shape(c.input) == (8, 8, 3)
+  batch = next(iter(pipeline.make_eval_iterator(c.input, 'test', batch_size=4)))
+  assert batch['image'].shape == (4, 8, 8, 3)
+  np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])
+
+
 def test_flip_lr():
   img = _smooth_image(5, 7)
   np.testing.assert_array_equal(_run('flip_lr(1.0)', {'image': img})['image'], img[:, ::-1])

@@ -9,19 +9,24 @@ resnet_tiny (shift/digits_dann.py's source recipe, method='supervised') on digit
 digits_noisy; and TLEG learngene descendants at init: the learngene (digits_aux.py, L_aux = 8,
 distilled for --long steps from the pool's own ViT on digits, 600 steps) expanded to depths
 LEARNGENE_DEPTHS and exported as plain ViTs (gap pooling, the 0-4 head the auxiliary model
-learned). 12 models of three kinds, four source domains, two training lengths.
+learned); and CLIP image towers: a two-tower CLIP (shapes_clip.py:clip, ViT-mu/4 at 32 px) trained
+contrastively on shapes_captions for each of --clip_steps, its image tower exported as a plain
+ViT (export.export_tower). 14 models of four kinds, five source domains.
 
 Target task: digits 5-9 (classes no member saw) with --shots labels per class, the few-shot
 fine-tune of digits_vit.py:transfer from each export (config.init_from_export: everything but
 the head), the same recipe and steps for every member, --seeds paired draws (seed s = the
-same labelled examples and the same head init for every member).
+same labelled examples and the same head init for every member). A CLIP tower reads the
+digits as its own inputs: resized to 32 px and made 3-channel (pp op to_rgb).
 
 Estimators score each export's frozen features (the head's input; LEEP: its own 5-way source
-head's softmax) on exactly the labelled examples the fine-tune of that seed reads, and, as a
+head's softmax; a CLIP tower's: its zero-shot classifier of the six shape names) on exactly
+the labelled examples the fine-tune of that seed reads, and, as a
 second column, on all of 5-9's training images with labels. Reported: each estimator's Kendall
 tau (and Spearman rho) with the mean fine-tuned accuracy over the pool, the mean of the
 per-seed tau (estimator and accuracy of the same draw), and as a label-free baseline the
-member's own source-domain test accuracy.
+member's own source-domain test accuracy (a CLIP tower's: zero-shot shape accuracy on
+shapes_captions).
 
 Writes models/<name>.json (per member, as it finishes; reused when the settings match),
 summary.json and table.md to --out, and experiments/shift/model_selection.png.
@@ -76,17 +81,47 @@ def pool(args):
     c.seed = 0
     if args.data_dir:
       c.input.data_dir = args.data_dir
-  return out + [(f"learngene_d{d}_{args.long}", None) for d in LEARNGENE_DEPTHS]
+  out += [(f"learngene_d{d}_{args.long}", None) for d in LEARNGENE_DEPTHS]
+  from ml_collections_configs.contrastive import shapes_clip
+  for steps in clip_steps(args):
+    c = shapes_clip.get_config("clip")
+    c.total_steps = steps
+    c.eval_every_steps = c.checkpoint_every_steps = steps
+    c.schedule.warmup_steps = min(100, steps // 4)
+    c.input.image_size = 32  # the export records it: the digits fine-tune resizes to it
+    c.contrastive.retrieval_limit = c.contrastive.probe_train_limit = 0
+    if args.data_dir:
+      c.input.data_dir = args.data_dir
+    out.append((f"clip_shapes_{steps}", c))
+  return out
 
 
-def pretrain_member(cfg, wd):
-  """Train `cfg` (resumed if its workdir has it) and export it: (export dir, source accuracy)."""
+def clip_steps(args) -> list[int]:
+  return [int(v) for v in args.clip_steps.split(",") if v]
+
+
+def pretrain_member(cfg, wd, metric="eval/accuracy"):
+  """Train `cfg` (resumed if its workdir has it) and export it: (export dir, its `metric`)."""
   from jax_transfer import export as export_lib, train
   _, final = train.train_and_evaluate(cfg, os.path.join(wd, "pretrain"))
   export_dir = os.path.join(wd, "export")
   if not os.path.exists(os.path.join(export_dir, "config.json")):
     export_lib.export_workdir(os.path.join(wd, "pretrain"), export_dir)
-  return export_dir, final["eval/accuracy"]
+  return export_dir, final[metric]
+
+
+CLIP_SOURCE_HEAD = "shape"  # the zero-shot classifier that is a CLIP tower's source head
+
+
+def clip_member(cfg, wd):
+  """The contrastive export, its image tower as a ViT export, its zero-shot shape accuracy."""
+  from jax_transfer import export as export_lib
+  export_dir, source_acc = pretrain_member(cfg, wd,
+                                           f"zero_shot/{CLIP_SOURCE_HEAD}_accuracy")
+  tower_dir = os.path.join(wd, "tower")
+  if not os.path.exists(os.path.join(tower_dir, "config.json")):
+    export_lib.export_tower(export_dir, tower_dir)
+  return export_dir, tower_dir, source_acc
 
 
 def learngene_member(args, depth, out, wd):
@@ -136,20 +171,27 @@ def run_member(args, name, cfg, out):
   from jax_transfer import train
   from jax_transfer.evaluators import transferability as T
   wd = os.path.join(out, name)
+  zero_shot = None
   if cfg is None:
     export_dir, source_acc = learngene_member(args, int(name.split("_d")[1].split("_")[0]),
                                               out, wd)
     kind, source, steps = "learngene", "digits", args.long
+    tune_dir = export_dir
+  elif cfg.method == "contrastive":  # features and zero-shot head from the two-tower export
+    export_dir, tune_dir, source_acc = clip_member(cfg, wd)
+    kind, source, steps, zero_shot = "clip", cfg.input.dataset, cfg.total_steps, CLIP_SOURCE_HEAD
   else:
     export_dir, source_acc = pretrain_member(cfg, wd)
     kind, source, steps = cfg.model_name, cfg.input.dataset, cfg.total_steps
+    tune_dir = export_dir
   rec = {"source_accuracy": source_acc, "fine_tune": [], "few_shot": [],
          "model": kind, "source": source, "steps": steps}
   # One pass over all labelled 5-9 training images; each seed's few-shot set is a subset of
   # those rows (the seeds differ only in subset_seed).
-  f = T.export_features(export_dir, fine_tune_config(args, export_dir, 0).input, "train")
+  f = T.export_features(export_dir, fine_tune_config(args, tune_dir, 0).input, "train",
+                        zero_shot=zero_shot)
   for s in range(args.seeds):
-    c = fine_tune_config(args, export_dir, s)
+    c = fine_tune_config(args, tune_dir, s)
     _, ft = train.train_and_evaluate(c, os.path.join(wd, f"fine_tune_s{s}"))
     rec["fine_tune"].append(ft["eval/accuracy"])
     rows = T.few_shot_rows(c.input, "train")
@@ -168,6 +210,8 @@ def main():
   p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
   p.add_argument("--short", type=int, default=100, help="short pretraining")
   p.add_argument("--long", type=int, default=600, help="long pretraining")
+  p.add_argument("--clip_steps", default="250,1000",
+                 help="comma-separated CLIP pretraining lengths (one pool member each)")
   p.add_argument("--data_dir", default="")
   p.add_argument("--report_only", action="store_true",
                  help="rewrite table.md and the plot from --out's summary.json")
@@ -183,7 +227,10 @@ def main():
   t0 = time.time()
   summary = {"args": key, "models": {}}
   for name, cfg in pool(args):
-    rec = cached_json(os.path.join(out, "models", f"{name}.json"), key,
+    # A member's resume key: the settings it depends on (--clip_steps only a CLIP tower's).
+    member_key = {k: v for k, v in key.items()
+                  if k != "clip_steps" or name.startswith("clip_")}
+    rec = cached_json(os.path.join(out, "models", f"{name}.json"), member_key,
                       functools.partial(run_member, args, name, cfg, out))
     summary["models"][name] = rec
     print(f"{name}: source {rec['source_accuracy']:.3f} fine-tuned "
@@ -257,19 +304,24 @@ def plot(names, acc, few, models):
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, len(few), figsize=(3.3 * len(few), 3.3))
   colors = {"digits": "tab:blue", "digits_rotated": "tab:orange",
-            "digits_inverted": "tab:green", "digits_noisy": "tab:red"}
+            "digits_inverted": "tab:green", "digits_noisy": "tab:red",
+            "shapes_captions": "tab:purple"}
   for ax, (e, v) in zip(axes, few.items()):
+    seen = set()
     for i, n in enumerate(names):
       m = models[n]
       ax.scatter(v[i].mean(), acc[i], color=colors[m["source"]],
                  marker="s" if m["model"].startswith("resnet") else "*" if
-                 m["model"] == "learngene" else
-                 ("o" if m["steps"] == max(models[k]["steps"] for k in names) else "^"),
-                 label=m["source"] if i < len(colors) else None)
+                 m["model"] == "learngene" else "D" if m["model"] == "clip" else
+                 ("o" if m["steps"] == max(models[k]["steps"] for k in names
+                                           if models[k]["model"] == "vit") else "^"),
+                 label=m["source"] if m["source"] not in seen else None)
+      seen.add(m["source"])
     ax.set_xlabel(f"{e} (few-shot set)")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("fine-tuned accuracy, digits 5-9")
-  axes[-1].legend(fontsize=7, loc="center left", title="source\no long, ^ short ViT\n■ ResNet, * learngene",
+  axes[-1].legend(fontsize=7, loc="center left",
+                 title="source\no long, ^ short ViT\n■ ResNet, * learngene\n◆ CLIP tower",
                  title_fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(os.path.dirname(__file__), "model_selection.png"), dpi=110)

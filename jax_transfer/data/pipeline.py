@@ -200,6 +200,7 @@ def _record_bytes(input_cfg, train: bool = True) -> int | None:
   h, w, c = dataset_info(input_cfg.dataset, input_cfg.get('data_dir'))['image_shape']
   if recipe.head_out_size is not None:
     h, w = recipe.head_out_size
+  c = recipe.head_out_channels or c
   if h is None or w is None or c is None:
     return None
   return h * w * c + 256
@@ -423,11 +424,11 @@ def num_classes(input_cfg: ml_collections.ConfigDict) -> int:
 def image_shape(input_cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of the `image` the pipeline yields: the training recipe's output size (its last
   sizing op, e.g. inception_crop(224)), else the dataset's, resized to input.image_size if
-  set. What models are initialised with."""
+  set; C the recipe's (to_rgb: 3), else the dataset's. What models are initialised with."""
   h, w, c = dataset_info(input_cfg.dataset, input_cfg.get('data_dir'))['image_shape']
   recipe = preprocess.get_recipe(input_cfg, train=True)
   if recipe.out_size is not None:
     h, w = recipe.out_size
   elif input_cfg.get('image_size'):
     h = w = input_cfg.image_size
-  return (h, w, c or 3)
+  return (h, w, recipe.out_channels or c or 3)

@@ -274,27 +274,52 @@ def ped(features, labels, *, score: Callable = logme, num_classes: int | None = 
 
 def export_features(export_dir: str, input_cfg=None, split: str = "train", *,
                     few_shot: bool = False, data_dir: str | None = None, devices=None,
-                    batch_size: int = 256) -> dict[str, np.ndarray]:
+                    batch_size: int = 256, zero_shot: str | None = None
+                    ) -> dict[str, np.ndarray]:
   """{'features' [N, D] (the head's input), 'logits' [N, Z] (the export's own head, over its
   source classes: LEEP's θ), 'label' [N]} of every example of `split` of input_cfg's dataset
   (the labelled target set; default the export's own input) through a supervised export, BN
   running statistics included. `few_shot`: only the input_cfg.examples_per_class examples
   (subset_seed) that a few-shot fine-tune with input_cfg reads. input_cfg's preprocessing
   is used as given: pass the fine-tune's (config.init_from_export resizes to the export's
-  image size)."""
+  image size).
+
+  A contrastive (two-tower) export: the features are its image tower's pooled output (the
+  head input of a fine-tune of export.export_tower's ViT), the logits its zero-shot
+  classifier of attribute `zero_shot` (required: one of its contrastive.zero_shot keys; the
+  prompt-ensembled class names of its pretraining data) at its logit scale."""
   from jax_transfer.evaluators.common import HeadOutputs, load_export  # pylint: disable=g-import-not-at-top
   method, params, extra = load_export(export_dir, data_dir, devices)
-  if not hasattr(method, "apply_eval") or "head" not in params:
+  if method.config.method == "contrastive":
+    apply_fn, num_classes = _zero_shot_head(method, params, zero_shot, export_dir)
+  elif hasattr(method, "apply_eval") and "head" in params:
+    apply_fn, num_classes = method.apply_eval, np.shape(params["head"]["kernel"])[-1]
+  else:
     raise ValueError(f"{export_dir}: a {method.config.method!r} export is not a classifier "
-                     f"with a head/ (supervised, dann)")
+                     f"with a head/ (supervised, dann) nor a two-tower model (contrastive)")
   input_cfg = method.config.input if input_cfg is None else input_cfg
-  outputs = HeadOutputs(method.apply_eval, method.has_batch_stats)
-  logits, features, cols = outputs(params, extra, np.shape(params["head"]["kernel"])[-1],
+  outputs = HeadOutputs(apply_fn, method.has_batch_stats)
+  logits, features, cols = outputs(params, extra, num_classes,
                                    input_cfg, split, batch_size, method.mesh, keep=("label",))
   out = {"features": features, "logits": logits, "label": cols["label"].astype(np.int64)}
   if few_shot:
     out = {k: v[few_shot_rows(input_cfg, split)] for k, v in out.items()}
   return out
+
+
+def _zero_shot_head(method, params, attribute, export_dir):
+  """(apply_fn, number of classes) of a contrastive export's zero-shot classifier."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax_transfer.evaluators.zero_shot import class_embeddings  # pylint: disable=g-import-not-at-top
+  prompts = method.config.contrastive.zero_shot
+  if attribute not in prompts or attribute not in method.attributes:
+    raise ValueError(f"{export_dir}: a contrastive export's source head is a zero-shot "
+                     f"classifier; zero_shot={attribute!r} is not one of its "
+                     f"contrastive.zero_shot attributes {sorted(prompts.keys())}")
+  names = method.attributes[attribute]
+  classifier = class_embeddings(jax.jit(method.encode_text), params, method.tokenizer, names,
+                                list(prompts[attribute])).astype(np.float32)
+  return (lambda p, images: method.apply_zero_shot(p, images, classifier)), len(names)
 
 
 def few_shot_rows(input_cfg, split: str) -> np.ndarray:

@@ -91,4 +91,5 @@ class Method:
   def evaluators(self) -> list:
     return []
 
+  has_batch_stats = False  # BatchNorm running statistics in extra (Supervised: a BN model)
   train_step = None  # Optional override: (state, batch) -> (state, metrics).

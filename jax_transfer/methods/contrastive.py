@@ -176,6 +176,15 @@ class Contrastive(Method):
   def encode_image(self, params, images):
     return self.model.apply({"params": params}, images, method=self.model.encode_image)
 
+  def apply_zero_shot(self, params, images, classifier):
+    """(logits [B, C], aux) of the zero-shot classifier `classifier` [C, E] (unit rows:
+    zero_shot.class_embeddings): logits exp(logit_scale) * zimg @ classifier.T, as the
+    zero_shot_head loss; aux['pre_logits'] the pooled image features before img_proj (what a
+    classifier on the exported image tower, export.export_tower, takes as its head input)."""
+    (zimg, _), aux = self.model.apply({"params": params}, images, None)
+    logits = jnp.exp(aux["logit_scale"]) * zimg @ jnp.asarray(classifier, zimg.dtype).T
+    return logits, {"pre_logits": aux["img_features"]}
+
   def encode_text(self, params, tokens):
     return self.model.apply({"params": params}, tokens, method=self.model.encode_text)
 

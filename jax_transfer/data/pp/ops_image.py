@@ -361,6 +361,27 @@ def get_decode_jpeg_and_inception_crop(size, area_min: float = 5, area_max: floa
   return _inception_op(size, area_min, area_max, ratio_min, ratio_max, method, channels)
 
 
+# ------------------------------------------------------------------------------ channels
+
+
+@register("to_rgb")
+def get_to_rgb():
+  """uint8 [H, W, 1] -> [H, W, 3], the grey value in every channel (PIL's convert('RGB') of an
+  'L' image; tf.image.grayscale_to_rgb); an RGB image passes unchanged. Feeds greyscale data
+  (the embedded digits) to a model trained on colour images."""
+  def to_rgb(example, rng):
+    del rng
+    image = _image(example)
+    if image.shape[-1] == 3:
+      return example
+    if image.shape[-1] != 1:
+      raise ValueError(f"to_rgb: an image of {image.shape[-1]} channels is neither grey nor RGB")
+    return _with_image(example, np.repeat(image, 3, axis=-1))
+
+  to_rgb.out_channels = 3
+  return to_rgb
+
+
 # --------------------------------------------------------------------------- flips, values
 
 

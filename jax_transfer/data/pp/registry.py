@@ -13,6 +13,7 @@ Ops run on the host, per example, in grain workers / reader threads; images stay
 
 A factory may set attributes on the function it returns:
   out_size: (h, w) the op's output image size (the recipe's is that of its last such op);
+  out_channels: the op's output channel count (to_rgb: 3; likewise the last one counts);
   random: True for ops that draw from `rng` (ops before the first random one are
     deterministic: their results may be cached);
   value_range: (lo, hi) for `value_range`, which runs on the device instead (the host keeps
@@ -102,8 +103,9 @@ def _fuse_decodes(fns):
 class Preprocess:
   """A parsed recipe: `self(example, rng)` applies every host op in order.
 
-  Attributes: ops (the op strings), out_size ((h, w) or None), value_range ((lo, hi) or None:
-  the device-side normalisation), random (whether any op draws from the rng), head_out_size.
+  Attributes: ops (the op strings), out_size ((h, w) or None), out_channels (int or None: the
+  dataset's), value_range ((lo, hi) or None: the device-side normalisation), random (whether
+  any op draws from the rng), head_out_size and head_out_channels (of the cacheable head).
   `head(example)` runs the deterministic leading ops, `tail(example, rng)` the rest.
   """
 
@@ -111,7 +113,7 @@ class Preprocess:
     _import_ops()
     self.ops = split_recipe(recipe)
     self.value_range = None
-    self.out_size = None
+    self.out_size = self.out_channels = None
     self._fns = []
     for i, call in enumerate(self.ops):
       name, args, kwargs = parse_call(call)
@@ -130,6 +132,8 @@ class Preprocess:
         continue
       if getattr(fn, "out_size", None) is not None:
         self.out_size = tuple(int(v) for v in fn.out_size)
+      if getattr(fn, "out_channels", None) is not None:
+        self.out_channels = int(fn.out_channels)
       self._fns.append(fn)
     self._fns = _fuse_decodes(self._fns)
     randoms = [i for i, fn in enumerate(self._fns) if getattr(fn, "random", False)]
@@ -139,6 +143,9 @@ class Preprocess:
     sizes = [fn.out_size for fn in self._fns[:self._first_random]
              if getattr(fn, "out_size", None) is not None]
     self.head_out_size = tuple(sizes[-1]) if sizes else None
+    channels = [fn.out_channels for fn in self._fns[:self._first_random]
+                if getattr(fn, "out_channels", None) is not None]
+    self.head_out_channels = int(channels[-1]) if channels else None
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict:
     return self.tail(self.head(example), rng)
