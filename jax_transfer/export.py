@@ -89,7 +89,6 @@ def export_tower(export_dir: str, out: str, tower: str = "img") -> ml_collection
   written config (config.tower_of names the source). Errors name the directory and the key
   before anything is written."""
   from jax_transfer import config as config_lib, models, peft  # pylint: disable=g-import-not-at-top
-  from jax_transfer.models.two_towers import image_geometry  # pylint: disable=g-import-not-at-top
   if tower not in TOWERS:
     raise ValueError(f"--tower={tower!r}: only the image tower exports as a classifier "
                      f"backbone; allowed: {list(TOWERS)}")
@@ -101,14 +100,11 @@ def export_tower(export_dir: str, out: str, tower: str = "img") -> ml_collection
     raise ValueError(f"{export_dir}: exported with peft.method {src.peft.method!r} (its PEFT "
                      "parameters are not part of a plain ViT); merge or re-export it first")
   tt = models.get_model("two_towers", **config_lib.model_kwargs(src.model))
-  model = dict(num_classes=0, pool=tt.image_pool, class_token=tt.image_class_token,
-               pre_norm=tt.pre_norm, patch_bias=tt.patch_bias, ln_eps=tt.ln_eps,
-               gelu_approximate=tt.gelu_approximate, quick_gelu=tt.quick_gelu,
-               attention_impl=tt.attention_impl, remat=tt.remat,
-               remat_policy=tt.remat_policy, scan_layers=tt.scan_layers,
-               **image_geometry(tt))
-  if "dtype" in src.model:
-    model["dtype"] = src.model.dtype
+  model = tt.image_vit_kwargs()
+  for key in ("dtype", "param_dtype"):  # written as the export spelled them (a dtype name)
+    del model[key]
+    if key in src.model:
+      model[key] = src.model[key]
   flat = checkpoint.flatten(checkpoint.load_export_params(export_dir))
   params = {k[len(tower) + 1:]: v for k, v in flat.items() if k.startswith(f"{tower}/")}
   if not params:

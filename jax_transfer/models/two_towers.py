@@ -125,14 +125,24 @@ class TwoTowers(nn.Module):
   pre_norm: bool = False
   patch_bias: bool = True
 
+  def _block_kwargs(self) -> dict:
+    """The fields both towers' transformers are built with."""
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+                remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                ln_eps=self.ln_eps, attention_impl=self.attention_impl,
+                gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu)
+
+  def image_vit_kwargs(self) -> dict:
+    """make_vit's keyword arguments for the image tower (a headless ViT): its geometry, pooling
+    and the shared block fields. setup builds `img` from them and export.export_tower writes
+    them as a plain vit config, so the two cannot drift apart."""
+    return dict(num_classes=0, pool=self.image_pool, class_token=self.image_class_token,
+                pre_norm=self.pre_norm, patch_bias=self.patch_bias, **self.image_geometry(),
+                **self._block_kwargs())
+
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
-              remat_policy=self.remat_policy, scan_layers=self.scan_layers, ln_eps=self.ln_eps,
-              attention_impl=self.attention_impl,
-              gelu_approximate=self.gelu_approximate, quick_gelu=self.quick_gelu)
-    self.img = make_vit(None, num_classes=0, pool=self.image_pool,
-                        class_token=self.image_class_token, pre_norm=self.pre_norm,
-                        patch_bias=self.patch_bias, **self.image_geometry(), **kw)
+    kw = self._block_kwargs()
+    self.img = make_vit(None, **self.image_vit_kwargs())
     self.txt = TextTransformer(
         vocab_size=self.vocab_size, context_length=self.context_length,
         width=self.text_width, depth=self.text_depth, num_heads=self.text_heads,
