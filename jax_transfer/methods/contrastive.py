@@ -88,6 +88,12 @@ def head_attributes(config) -> list[str]:
           if a.strip()]
 
 
+def zero_shot_logits(zimg, logit_scale, classifier):
+  """exp(logit_scale) * zimg @ classifier.T: [B, E] unit image embeddings against a [C, E]
+  zero-shot classifier (the zero_shot_head loss and apply_zero_shot alike)."""
+  return jnp.exp(logit_scale) * zimg @ classifier.T
+
+
 class Contrastive(Method):
 
   @staticmethod
@@ -152,10 +158,9 @@ class Contrastive(Method):
     if self.heads:
       (zimg, _), aux = self.model.apply({"params": params}, batch["image"], None, train=True,
                                         rngs={"dropout": rng})
-      scale = jnp.exp(aux["logit_scale"])
       metrics, total = {}, 0.0
       for key in self.heads:
-        logits = scale * zimg @ self.zero_shot_head(params, key).T
+        logits = zero_shot_logits(zimg, aux["logit_scale"], self.zero_shot_head(params, key))
         labels = batch[key]
         ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
         metrics[f"{key}_acc"] = jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -182,7 +187,7 @@ class Contrastive(Method):
     zero_shot_head loss; aux['pre_logits'] the pooled image features before img_proj (what a
     classifier on the exported image tower, export.export_tower, takes as its head input)."""
     (zimg, _), aux = self.model.apply({"params": params}, images, None)
-    logits = jnp.exp(aux["logit_scale"]) * zimg @ jnp.asarray(classifier, zimg.dtype).T
+    logits = zero_shot_logits(zimg, aux["logit_scale"], jnp.asarray(classifier, zimg.dtype))
     return logits, {"pre_logits": aux["img_features"]}
 
   def encode_text(self, params, tokens):
