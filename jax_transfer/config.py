@@ -378,12 +378,12 @@ def use_export_tokenizer(c: ml_collections.ConfigDict, export_dir: str) -> None:
 
 
 def _dataset_channels(input_cfg) -> "int | None":
-  """The channels of input_cfg.dataset's images, None when its metadata cannot be read here
-  (validate names the dataset then)."""
+  """The channels of input_cfg.dataset's images, None when the dataset is not prepared here
+  (validate names the dataset then); any other failure propagates."""
   from jax_transfer import data  # pylint: disable=g-import-not-at-top
   try:
     return data.dataset_info(input_cfg.dataset, input_cfg.get("data_dir"))["image_shape"][2]
-  except Exception:  # pylint: disable=broad-except
+  except data.DatasetNotPreparedError:
     return None
 
 
