@@ -198,3 +198,33 @@ def test_export_round_trip_and_finetune_from_it(data_dir, tmp_path, uninterrupte
   method = methods.get_method(c.method)(c, mesh)
   fresh = nn.unbox(method.init_extra(jax.random.key(0), None))
   _assert_same(method.load_extra(fresh), fresh, rtol=0, atol=0)
+
+
+def test_probe_with_frozen_bn_keeps_the_exported_backbone_and_statistics(
+    data_dir, tmp_path, uninterrupted):
+  """digits_resnet `probe` (head only, model.frozen_bn): the backbone's params and running
+  statistics come back exactly the export's, so the head trained on the features the
+  evaluation sees; without frozen_bn the same head-only run re-estimates the statistics."""
+  workdir, state, _ = uninterrupted
+  out = str(tmp_path / "export")
+  export_lib.export_workdir(workdir, out)
+  from ml_collections_configs.supervised import digits_resnet
+
+  def probe(frozen, name):
+    c = digits_resnet.get_config("tiny,probe,runlocal")
+    assert c.model.frozen_bn and c.optimizer.trainable_regex == "^head/"
+    c.model.frozen_bn = frozen
+    c.input.data_dir, c.init.export_dir, c.init.skip_regex = data_dir, out, "^head/"
+    c.total_steps, c.eval_every_steps, c.checkpoint_every_steps = 4, 4, 4
+    return train.train_and_evaluate(c, str(tmp_path / name), devices=jax.devices()[:1])[0]
+
+  frozen = probe(True, "frozen")
+  _assert_same(frozen.extra["batch_stats"], state.extra["batch_stats"], rtol=0, atol=0)
+  got, want = _leaves(frozen.params), _leaves(state.params)
+  for k in got:
+    if not k.startswith("head/"):
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert not np.allclose(got["head/kernel"], 0.0)  # zero-init head trained
+  moved = _leaves(probe(False, "unfrozen").extra["batch_stats"])
+  assert not np.allclose(moved["stem_bn/mean"], _leaves(state.extra["batch_stats"])[
+      "stem_bn/mean"])

@@ -20,6 +20,13 @@ the running var is the biased batch variance (torch keeps the unbiased one; the 
 a factor n/(n-1) of the per-channel count n = B*H*W). Under jit with the batch sharded over the
 mesh's data axes, the batch mean / var are over the *global* batch (XLA inserts the
 all-reduce): cross-replica (synchronised) BN, no axis_name needed.
+frozen_bn=True: every BN normalises by its running statistics in train mode too and never
+updates them, a fixed per-channel affine map (the scale / bias still train unless the optimizer
+freezes them). That is a frozen backbone as a linear probe means it: the head trains on the
+features the evaluation sees, and the backbone's statistics stay the export's (timm's
+freeze_batch_norm_2d; MoCo / SimCLR linear evaluation runs the backbone in eval mode).
+Without it, a head-only run (optimizer.trainable_regex='^head/') still re-estimates every
+running statistic on the target data.
 
 Param layout and logical axis names (parallel.py maps them to mesh axes), as models/convnet.py:
   stem_conv/kernel (None, None, 'conv_in', 'embed'), stem_bn/{scale, bias} ['embed']
@@ -62,7 +69,8 @@ class _Layers:
                        2.0, "fan_out", "normal"), (None, None, "conv_in", "embed")))
 
   def _bn(self, train, name):
-    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+    return nn.BatchNorm(use_running_average=not train or self.frozen_bn,
+                        momentum=self.bn_momentum,
                         epsilon=self.bn_epsilon, dtype=self.dtype, name=name,
                         scale_init=P(nn.initializers.ones, ("embed",)),
                         bias_init=P(nn.initializers.zeros, ("embed",)))
@@ -77,6 +85,7 @@ class Block(_Layers, nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  frozen_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -105,6 +114,7 @@ class ResNet(_Layers, nn.Module):
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
   head_zero_init: bool = True
+  frozen_bn: bool = False  # BN always uses (and keeps) the running statistics: module doc
 
   def __post_init__(self):  # at construction, so config.validate reports it in one line
     if self.variant not in VARIANTS:
@@ -130,7 +140,8 @@ class ResNet(_Layers, nn.Module):
     for s, n in enumerate(stages):
       for i in range(n):
         x = Block(width * 2 ** s, 2 if s > 0 and i == 0 else 1, kind, self.bn_momentum,
-                  self.bn_epsilon, self.dtype, name=f"stage{s + 1}_block{i + 1}")(x, train)
+                  self.bn_epsilon, self.dtype, self.frozen_bn,
+                  name=f"stage{s + 1}_block{i + 1}")(x, train)
       x = nn.with_logical_constraint(x, ("batch", None, None, None))
     x = x.mean(axis=(1, 2))
     aux = {"pre_logits": x}

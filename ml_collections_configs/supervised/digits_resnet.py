@@ -8,6 +8,9 @@ Arguments (comma-separated, e.g. `:transfer,runlocal`):
   transfer   fine-tune on digits 5-9 with 10 labels per class; set
              --config.init.export_dir=DIR to start from a pretrained export (its params and
              running statistics; the head is skipped), or leave it unset for the baseline.
+  probe      as transfer, but train only the head on the frozen backbone: model.frozen_bn
+             keeps every BN on the export's running statistics (models/resnet.py), so the
+             head trains on the features the evaluation sees.
   tiny       resnet_tiny (2 stages of one basic block, width 8) instead of ResNet-18: tests.
   runlocal   shrink to a few steps (smoke runs, tests).
 
@@ -25,15 +28,15 @@ def get_config(arg: str = ""):
   """digits_vit.py's data, schedule, `transfer` and `runlocal` settings with a BatchNorm
   ResNet and SGD in place of the ViT and AdamW."""
   args = set(a for a in arg.split(",") if a)
-  c = digits_vit.get_config(",".join(sorted(args & {"transfer", "runlocal"})))
+  c = digits_vit.get_config(",".join(sorted(args & {"transfer", "probe", "runlocal"})))
 
   c.model_name = "resnet_tiny" if "tiny" in args else "resnet18"
   # bn_momentum: flax's convention, 0.9 == torch's BatchNorm momentum=0.1.
   c.model = ml_collections.ConfigDict(dict(num_classes=5, stem="cifar", bn_momentum=0.9,
-                                           dtype="float32"))
+                                           dtype="float32", frozen_bn="probe" in args))
 
   c.optimizer.name = "sgd"
-  c.optimizer.lr = 0.01 if "transfer" in args else 0.05
+  c.optimizer.lr = 0.01 if "transfer" in args else 0.05  # probe: 0.05 on the head only
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 5e-4  # not on BN scale / bias (wd_exclude_regex)
   return c
