@@ -192,13 +192,15 @@ def load_export_batch_stats(export_dir: str):
   return unflatten(st_load(path)) if os.path.exists(path) else None
 
 
-def merge_batch_stats(stats, export_dir: str, load_regex: str = ".*", skip_regex: str = "^$"):
+def merge_batch_stats(stats, export_dir: str, load_regex: str = ".*", skip_regex: str = "^$",
+                      adapter_dir: str | None = None):
   """`stats` (a fresh BN model's 'batch_stats') with every leaf whose path matches load_regex
-  (and not skip_regex) taken from the export's running statistics: what a fine-tune from
+  (and not skip_regex) taken from the export's running statistics (with `adapter_dir`, the
+  adapter export's when it has them: adapter_batch_stats): what a fine-tune from
   init.export_dir starts from, as merge_pretrained does for the params. An export without
   statistics (older, or imported) leaves `stats` as they are, with a warning; a selected
   statistic the export lacks, or of another shape, is a ValueError naming it."""
-  pre = load_export_batch_stats(export_dir)
+  pre = adapter_batch_stats(export_dir, adapter_dir)
   if pre is None:
     logging.warning("export %s has no %s: BatchNorm running statistics start from their init "
                     "(mean 0, var 1)", export_dir, BATCH_STATS_FILE)
@@ -364,11 +366,14 @@ def _through_frozen(flat, config):
 
 
 def export_adapter(params, config: ml_collections.ConfigDict, out_dir: str,
-                   assets_from: str | None = None) -> list[str]:
+                   assets_from: str | None = None, batch_stats=None) -> list[str]:
   """Writes the adapter export of a PEFT run's `params` (module comment above); returns the
   parameter names written. Every parameter left out must equal the base's (frozen and loaded
   from it), else applying the adapter would not give this model back: that is a ValueError
-  naming it, as are a run without config.peft or without init.export_dir."""
+  naming it, as are a run without config.peft or without init.export_dir. A BatchNorm
+  model's running statistics (`batch_stats`, the run's extra) are written whole: training
+  moved them (BitFit on a ResNet, unless model.frozen_bn), so the base's would not give this
+  model back; adapter_batch_stats reads them."""
   from jax_transfer import peft  # pylint: disable=g-import-not-at-top
   p = peft.from_config(config)
   base_dir = config.get("init", {}).get("export_dir")
@@ -390,8 +395,18 @@ def export_adapter(params, config: ml_collections.ConfigDict, out_dir: str,
                        f"{base_dir!r} (init.load_regex / skip_regex left it out?); the adapter "
                        f"would lose it: export the whole model")
   record = dict(_fingerprint(base_dir, base), unused=sorted(set(base) - set(flat)))
-  _write_export(out_dir, adapter, config, assets_from, extra={ADAPTER_BASE: record})
+  stats = None if batch_stats is None else flatten(jax.device_get(batch_stats))
+  _write_export(out_dir, adapter, config, assets_from, extra={ADAPTER_BASE: record},
+                batch_stats=stats)
   return sorted(adapter)
+
+
+def adapter_batch_stats(base_dir: str, adapter_dir: str | None = None):
+  """The running statistics of the base export with the adapter export on top: the adapter's
+  when it has them (a BatchNorm run's, export_adapter), else the base's; None when neither
+  has any. The model load_pretrained(base_dir, adapter_dir) returns predicts with them."""
+  stats = load_export_batch_stats(adapter_dir) if adapter_dir else None
+  return load_export_batch_stats(base_dir) if stats is None else stats
 
 
 def check_adapter_base(adapter_dir: str, base_dir: str, base=None) -> None:

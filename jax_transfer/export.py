@@ -7,9 +7,10 @@ extra['batch_stats'], as DIR/batch_stats.safetensors: checkpoint.load_export_bat
 `jax_transfer.load_pretrained(DIR)` reads them back. A
 LoRA / BitFit run exports a plain model (merged); another PEFT method's export keeps its
 parameters and is loaded wrapped (checkpoint.export). --adapter_only: only the parameters the
-PEFT run trained, plus DIR/base.json fingerprinting its base (init.export_dir); apply it with
-`load_pretrained(BASE, adapter_dir=DIR)` or --config.init.adapter_dir (checkpoint.py's
-"Adapter exports").
+PEFT run trained (and a BatchNorm model's running statistics), plus DIR/base.json
+fingerprinting its base (init.export_dir); apply it with `load_pretrained(BASE,
+adapter_dir=DIR)` (statistics: checkpoint.adapter_batch_stats) or --config.init.adapter_dir
+(checkpoint.py's "Adapter exports").
 
 --tower=img (export_tower): the image tower of a two-tower (CLIP / ALIGN / SigLIP) export,
 yours or an imported checkpoint's, as a plain `vit` export without a head: big_vision's
@@ -71,7 +72,7 @@ def export_workdir(workdir: str, out: str, adapter_only: bool = False) -> int:
     assets = config.atlas_source.base
   stats = checkpoint.batch_stats_of(state["state"].get("extra"))
   if adapter_only:
-    checkpoint.export_adapter(params, config, out, assets_from=assets)
+    checkpoint.export_adapter(params, config, out, assets_from=assets, batch_stats=stats)
   else:
     checkpoint.export(params, config, out, assets_from=assets, batch_stats=stats)
   return step

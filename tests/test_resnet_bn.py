@@ -228,3 +228,41 @@ def test_probe_with_frozen_bn_keeps_the_exported_backbone_and_statistics(
   moved = _leaves(probe(False, "unfrozen").extra["batch_stats"])
   assert not np.allclose(moved["stem_bn/mean"], _leaves(state.extra["batch_stats"])[
       "stem_bn/mean"])
+
+
+def test_bitfit_adapter_export_carries_the_moved_statistics(data_dir, tmp_path, uninterrupted):
+  """BitFit on a BN ResNet trains the BN biases in train mode, so the running statistics move:
+  the adapter export (--adapter_only) writes them, load_pretrained(base, adapter) with
+  checkpoint.adapter_batch_stats reproduces the run's evaluation, and a run from
+  init.adapter_dir starts from them (load_extra)."""
+  workdir, state, _ = uninterrupted
+  base = str(tmp_path / "base")
+  export_lib.export_workdir(workdir, base)
+  c = _config(data_dir, steps=4)
+  c.checkpoint_every_steps = 4
+  c.init.export_dir, c.init.skip_regex = base, "^$"
+  c.peft.method = "bitfit"
+  run = str(tmp_path / "bitfit")
+  bitfit, final = train.train_and_evaluate(c, run, devices=jax.devices()[:1])
+  assert not np.allclose(_leaves(bitfit.extra["batch_stats"])["stem_bn/mean"],
+                         _leaves(state.extra["batch_stats"])["stem_bn/mean"])
+  adapter = str(tmp_path / "adapter")
+  export_lib.export_workdir(run, adapter, adapter_only=True)
+  assert checkpoint.BATCH_STATS_FILE in os.listdir(adapter)
+  stats = checkpoint.adapter_batch_stats(base, adapter)
+  _assert_same(stats, bitfit.extra["batch_stats"], rtol=0, atol=0)
+  _assert_same(checkpoint.adapter_batch_stats(base), state.extra["batch_stats"], rtol=0, atol=0)
+
+  model, params, config = checkpoint.load_pretrained(base, adapter)
+  from jax_transfer.evaluators.classification import ClassificationEvaluator
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  ev = ClassificationEvaluator(
+      lambda p, x, e: model.apply({"params": p, "batch_stats": e}, x, train=False)[0],
+      config.input, "test", 64, mesh, 1, with_extra=True)
+  assert ev.run(params, stats)["accuracy"] == pytest.approx(final["eval/accuracy"], abs=1e-6)
+
+  c2 = _config(data_dir, steps=2)
+  c2.init.export_dir, c2.init.adapter_dir, c2.init.skip_regex = base, adapter, "^$"
+  c2.model.bn_momentum, c2.optimizer.lr = 1.0, 1e-9
+  ft, _ = train.train_and_evaluate(c2, str(tmp_path / "ft"), devices=jax.devices()[:1])
+  _assert_same(ft.extra["batch_stats"], stats, rtol=0, atol=0)

@@ -21,7 +21,8 @@ all-reduces the partial sums): cross-replica (synchronised) BN, the same statist
 number of devices (tests/test_resnet_bn.py: 8 devices = 1). predict and the evaluator use the
 running averages (train=False). An export carries them (batch_stats.safetensors); a fine-tune
 from init.export_dir starts from the export's running statistics (load_extra, init.load_regex
-/ skip_regex applied to their paths), or from mean 0 / var 1 when the export has none. Models
+/ skip_regex applied to their paths; init.adapter_dir's when that adapter export has them),
+or from mean 0 / var 1 when the export has none. Models
 without BatchNorm keep extra None, unchanged.
 """
 from __future__ import annotations
@@ -124,7 +125,8 @@ class Supervised(Method):
     if extra is None or not init.export_dir:
       return extra
     stats = checkpoint.merge_batch_stats(jax.device_get(extra["batch_stats"]), init.export_dir,
-                                         init.load_regex, init.skip_regex)
+                                         init.load_regex, init.skip_regex,
+                                         adapter_dir=init.get("adapter_dir"))
     return {**extra, "batch_stats": stats}
 
   def _variables(self, params, extra):
