@@ -1,19 +1,27 @@
-r"""Default experiment: does supervised ViT pretraining help a held-out few-label task?
+r"""Does supervised pretraining help a held-out few-label task?
 
-1. Pretrain ViT-mu/2 on digits 0-4 (all their training labels) and export it.
+1. Pretrain on digits 0-4 (all their training labels) and export: ViT-mu/2
+   (`--config=digits_vit`, the default) or the BatchNorm ResNet-18 (`--config=digits_resnet`;
+   `--config_arg=tiny` for resnet_tiny).
 2. Transfer to digits 5-9 with only `--shots` labels per class, same budget for every arm:
      scratch   — random init, full training            (the baseline)
      finetune  — init from the export (all but the head), full training
-     probe     — init from the export, only the new head trained (linear probe)
+     probe     — init from the export, only the new head trained (linear probe); for a BN
+                 model with model.frozen_bn (BN on the export's running statistics)
+     probe_bn_updated — BN models only: the same head-only run without frozen_bn, so BN
+                 re-estimates its running statistics on the few target labels (what a
+                 head-only run did before frozen_bn existed)
    repeated over `--seeds` few-shot draws (different labelled examples and init seeds).
 3. Print a table of mean ± std test accuracy on all of 5-9's test images at several budgets
    (fine-tuning steps 25 ... N, read from each run's metrics.jsonl), and write
    `summary.json` and plots (`curves.png`: test accuracy vs step per arm) into --out.
 
-Command (the README's first command runs this):
+Commands (results: experiments/RESULTS.md, "Supervised transfer"):
   python experiments/supervised/transfer_digits.py --out=workdirs/transfer_digits
+  python experiments/supervised/transfer_digits.py --config=digits_resnet \
+    --out=workdirs/transfer_digits_resnet
 Everything goes through the platform: train.train_and_evaluate with the configs of
-ml_collections_configs/supervised/digits_vit.py, and the export module.
+ml_collections_configs/supervised/digits_vit.py / digits_resnet.py, and the export module.
 """
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ import os
 import time
 
 import numpy as np
+
+CONFIGS = ("digits_vit", "digits_resnet")
 
 
 def run_arm(train, base_cfg, workdir, **overrides):
@@ -44,7 +54,7 @@ def plot(out, arms, seeds):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  for arm, color in zip(arms, ("tab:gray", "tab:blue", "tab:orange")):
+  for arm, color in zip(arms, ("tab:gray", "tab:blue", "tab:orange", "tab:red")):
     for s in range(seeds):
       steps, acc = curves(os.path.join(out, f"{arm}_seed{s}"))
       ax.plot(steps, acc, color=color, alpha=0.8, label=arm if s == 0 else None)
@@ -73,18 +83,27 @@ def main():
   parser.add_argument("--shots", type=int, default=10, help="labels per class in 5-9")
   parser.add_argument("--pretrain_steps", type=int, default=600)
   parser.add_argument("--transfer_steps", type=int, default=200)
+  parser.add_argument("--config", choices=CONFIGS, default="digits_vit",
+                      help="ml_collections_configs/supervised/<config>.py")
+  parser.add_argument("--config_arg", default="",
+                      help="extra config arguments, e.g. 'tiny' for digits_resnet")
   args = parser.parse_args()
 
   from jax_transfer import export as export_lib, train
   from jax_transfer.metrics import setup_logging
-  from ml_collections_configs.supervised import digits_vit
+  import importlib
+  module = importlib.import_module(f"ml_collections_configs.supervised.{args.config}")
+
+  def get_config(arg):
+    return module.get_config(",".join(a for a in (arg, args.config_arg) if a))
   setup_logging(logging.WARNING)  # The printed table is the output; logs go to files.
 
   t0 = time.time()
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
-  print(f"[1/2] pretraining ViT-mu/2 on digits 0-4 ({args.pretrain_steps} steps)...", flush=True)
-  pre_cfg = digits_vit.get_config("")
+  pre_cfg = get_config("")
+  print(f"[1/2] pretraining {pre_cfg.model_name} ({args.config}) on digits 0-4 "
+        f"({args.pretrain_steps} steps)...", flush=True)
   pre_cfg.total_steps = args.pretrain_steps
   pre_acc = run_arm(train, pre_cfg, os.path.join(out, "pretrain"))
   export_dir = os.path.join(out, "pretrain_export")
@@ -93,16 +112,18 @@ def main():
 
   arms = {"scratch": ("transfer", None), "finetune": ("transfer", export_dir),
           "probe": ("probe", export_dir)}
+  if "frozen_bn" in pre_cfg.model:
+    arms["probe_bn_updated"] = ("probe", export_dir, {"model.frozen_bn": False})
   results = {arm: [] for arm in arms}
   print(f"[2/2] transfer to digits 5-9 with {args.shots} labels/class, "
         f"{args.transfer_steps} steps, {args.seeds} seeds...", flush=True)
   for seed in range(args.seeds):
-    for arm, (cfg_arg, init) in arms.items():
-      c = digits_vit.get_config(cfg_arg)
+    for arm, (cfg_arg, init, *extra) in arms.items():
+      c = get_config(cfg_arg)
       acc = run_arm(train, c, os.path.join(out, f"{arm}_seed{seed}"),
                     **{"seed": seed, "input.subset_seed": seed, "init.export_dir": init,
                        "input.examples_per_class": args.shots,
-                       "total_steps": args.transfer_steps})
+                       "total_steps": args.transfer_steps, **(extra[0] if extra else {})})
       results[arm].append(acc)
       print(f"      seed {seed} {arm:9s} test accuracy {acc:.3f}", flush=True)
 
@@ -111,7 +132,8 @@ def main():
   budgets = curves(os.path.join(out, "scratch_seed0"))[0]
   at_budget = {arm: np.array([curves(os.path.join(out, f"{arm}_seed{s}"))[1]
                               for s in range(args.seeds)]) for arm in arms}
-  summary = {"pretrain_accuracy_0to4": pre_acc, "shots": args.shots,
+  summary = {"config": args.config, "config_arg": args.config_arg,
+             "model_name": pre_cfg.model_name, "pretrain_accuracy_0to4": pre_acc, "shots": args.shots,
              "transfer_steps": args.transfer_steps, "budgets": budgets,
              "transfer_accuracy_5to9": {
                  a: {"mean": v.mean(0).tolist(), "std": v.std(0).tolist(), "runs": v.tolist()}
@@ -122,7 +144,8 @@ def main():
   print(f"\nTransfer to digits 5-9, {args.shots} labels per class, {args.seeds} seeds "
         f"(chance = 0.200): test accuracy (mean ± std) after N fine-tuning steps")
   names = {"scratch": "random init, train all", "finetune": "pretrained 0-4, train all",
-           "probe": "pretrained 0-4, head only"}
+           "probe": "pretrained 0-4, head only" + (" (frozen_bn)" if len(arms) > 3 else ""),
+           "probe_bn_updated": "pretrained 0-4, head only, BN statistics updated"}
   print("| init, trained params | " + " | ".join(f"N={b}" for b in budgets) + " |")
   print("|---|" + "---|" * len(budgets))
   for arm, v in at_budget.items():
