@@ -76,6 +76,39 @@ def plot(out, arms, seeds):
   fig.savefig(os.path.join(out, "pretrain.png"), dpi=120)
 
 
+NAMES = {"scratch": "random init, train all", "finetune": "pretrained 0-4, train all",
+         "probe": "pretrained 0-4, head only", "probe_bn_updated":
+         "pretrained 0-4, head only, BN statistics updated"}
+PAIRS = (("finetune", "scratch", "pretrained - scratch"),
+         ("probe", "probe_bn_updated", "head only, frozen_bn - BN statistics updated"))
+
+
+def report(summary) -> str:
+  """The markdown table of summary.json: accuracy per arm at each budget, then the paired
+  gains (per seed, the same labelled draw and init in both arms)."""
+  acc = {a: np.array(v["runs"]) for a, v in summary["transfer_accuracy_5to9"].items()}
+  budgets = summary["budgets"]
+  seeds = len(acc["scratch"])
+  names = dict(NAMES)
+  if "probe_bn_updated" in acc:
+    names["probe"] += " (frozen_bn)"
+  lines = [f"Transfer to digits 5-9 ({summary.get('model_name', 'vit')}), {summary['shots']} "
+           f"labels per class, {seeds} seeds (chance = 0.200): test accuracy (mean ± std) "
+           "after N fine-tuning steps",
+           "| init, trained params | " + " | ".join(f"N={b}" for b in budgets) + " |",
+           "|---|" + "---|" * len(budgets)]
+  for arm, v in acc.items():
+    lines.append(f"| {names[arm]} | " + " | ".join(f"{m:.3f} ± {sd:.3f}"
+                                                  for m, sd in zip(v.mean(0), v.std(0))) + " |")
+  for a, b, label in PAIRS:
+    if a in acc and b in acc:
+      gain = acc[a] - acc[b]
+      lines.append(f"| paired gain, {label} | " + " | ".join(
+          f"{m:+.3f} ({int((g > 0).sum())}/{len(g)} seeds > 0)"
+          for m, g in zip(gain.mean(0), gain.T)) + " |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="workdirs/transfer_digits")
@@ -87,7 +120,13 @@ def main():
                       help="ml_collections_configs/supervised/<config>.py")
   parser.add_argument("--config_arg", default="",
                       help="extra config arguments, e.g. 'tiny' for digits_resnet")
+  parser.add_argument("--report_only", action="store_true",
+                      help="print the table of --out's summary.json, train nothing")
   args = parser.parse_args()
+  if args.report_only:
+    with open(os.path.join(args.out, "summary.json")) as f:
+      print(report(json.load(f)))
+    return
 
   from jax_transfer import export as export_lib, train
   from jax_transfer.metrics import setup_logging
@@ -114,7 +153,6 @@ def main():
           "probe": ("probe", export_dir)}
   if "frozen_bn" in pre_cfg.model:
     arms["probe_bn_updated"] = ("probe", export_dir, {"model.frozen_bn": False})
-  results = {arm: [] for arm in arms}
   print(f"[2/2] transfer to digits 5-9 with {args.shots} labels/class, "
         f"{args.transfer_steps} steps, {args.seeds} seeds...", flush=True)
   for seed in range(args.seeds):
@@ -124,7 +162,6 @@ def main():
                     **{"seed": seed, "input.subset_seed": seed, "init.export_dir": init,
                        "input.examples_per_class": args.shots,
                        "total_steps": args.transfer_steps, **(extra[0] if extra else {})})
-      results[arm].append(acc)
       print(f"      seed {seed} {arm:9s} test accuracy {acc:.3f}", flush=True)
 
   plot(out, list(arms), args.seeds)
@@ -133,28 +170,15 @@ def main():
   at_budget = {arm: np.array([curves(os.path.join(out, f"{arm}_seed{s}"))[1]
                               for s in range(args.seeds)]) for arm in arms}
   summary = {"config": args.config, "config_arg": args.config_arg,
-             "model_name": pre_cfg.model_name, "pretrain_accuracy_0to4": pre_acc, "shots": args.shots,
-             "transfer_steps": args.transfer_steps, "budgets": budgets,
+             "model_name": pre_cfg.model_name, "pretrain_accuracy_0to4": pre_acc,
+             "shots": args.shots, "transfer_steps": args.transfer_steps, "budgets": budgets,
              "transfer_accuracy_5to9": {
                  a: {"mean": v.mean(0).tolist(), "std": v.std(0).tolist(), "runs": v.tolist()}
                  for a, v in at_budget.items()},
              "wall_time_s": time.time() - t0}
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  print(f"\nTransfer to digits 5-9, {args.shots} labels per class, {args.seeds} seeds "
-        f"(chance = 0.200): test accuracy (mean ± std) after N fine-tuning steps")
-  names = {"scratch": "random init, train all", "finetune": "pretrained 0-4, train all",
-           "probe": "pretrained 0-4, head only" + (" (frozen_bn)" if len(arms) > 3 else ""),
-           "probe_bn_updated": "pretrained 0-4, head only, BN statistics updated"}
-  print("| init, trained params | " + " | ".join(f"N={b}" for b in budgets) + " |")
-  print("|---|" + "---|" * len(budgets))
-  for arm, v in at_budget.items():
-    print(f"| {names[arm]} | " + " | ".join(f"{m:.3f} ± {sd:.3f}"
-                                            for m, sd in zip(v.mean(0), v.std(0))) + " |")
-  gain = at_budget["finetune"] - at_budget["scratch"]
-  print("| paired gain, pretrained - scratch | " + " | ".join(
-      f"{m:+.3f} ({int((g > 0).sum())}/{len(g)} seeds > 0)" for m, g in zip(gain.mean(0), gain.T))
-        + " |")
+  print("\n" + report(summary))
   print(f"\nplots: {out}/curves.png, {out}/pretrain.png; wall time {summary['wall_time_s']:.0f}s")
 
 
