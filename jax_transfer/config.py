@@ -387,10 +387,19 @@ def _dataset_channels(input_cfg) -> "int | None":
     return None
 
 
+# Model fields the fine-tune decides, not the export: they change neither the parameters nor
+# what the exported function computes at evaluation, only how training treats the model
+# (models/resnet.py: frozen_bn keeps BN on the running statistics, bn_momentum is how fast a
+# training run moves them). init_from_export keeps the fine-tune config's values when the
+# export is a ResNet (the only model with these fields).
+FINE_TUNE_MODEL_FIELDS = ("frozen_bn", "bn_momentum")
+
+
 def init_from_export(c: ml_collections.ConfigDict, export_dir: str, *,
                      keep_head: bool) -> ml_collections.ConfigDict:
   """Fine-tune an export (a run's, or an imported published checkpoint's) with config `c`:
-  the model is the export's (its config.json), every parameter initialises from it
+  the model is the export's (its config.json; the fine-tune config's FINE_TUNE_MODEL_FIELDS
+  are kept for a ResNet export), every parameter initialises from it
   (init.export_dir; the classifier head too when keep_head, else `^head/` is skipped and
   model.num_classes stays `c`'s), the images are resized to the export's image size and
   normalised as its recipe does, and a contrastive run reuses the export's tokenizer.
@@ -403,10 +412,15 @@ def init_from_export(c: ml_collections.ConfigDict, export_dir: str, *,
     raise ConfigError(f"init export {export_dir} holds a {exported.model_name!r} model; this "
                       f"config trains {c.model_name!r}")
   num_classes = c.model.get("num_classes")
+  from jax_transfer.models import resnet  # pylint: disable=g-import-not-at-top
+  is_resnet = exported.model_name == "resnet" or exported.model_name in resnet.NAMED
+  kept = {k: c.model[k] for k in FINE_TUNE_MODEL_FIELDS if k in c.model and is_resnet}
   c.model_name = exported.model_name
   c.model = ml_collections.ConfigDict(exported.model.to_dict())
   if num_classes is not None and not keep_head:
     c.model.num_classes = num_classes
+  for k, v in kept.items():
+    c.model[k] = v
   c.init.export_dir = export_dir
   c.init.load_regex = ".*"
   c.init.skip_regex = "^$" if keep_head else "^head/"

@@ -183,8 +183,14 @@ def test_export_round_trip_and_finetune_from_it(data_dir, tmp_path, uninterrupte
 
   # Fine-tuning from the export (init_from_export, head kept): extra starts from the
   # exported statistics (load_extra); bn_momentum=1 keeps them, so they must come back equal.
-  c = config_lib.init_from_export(_config(data_dir, steps=2), out, keep_head=True)
+  probe = _config(data_dir, steps=2)
+  probe.model.frozen_bn, probe.model.bn_momentum = True, 0.5
+  probe = config_lib.init_from_export(probe, out, keep_head=True)
+  assert (probe.model.frozen_bn, probe.model.bn_momentum) == (True, 0.5)  # the fine-tune's
+  c = _config(data_dir, steps=2)
   c.model.bn_momentum = 1.0
+  c = config_lib.init_from_export(c, out, keep_head=True)
+  assert c.model.bn_momentum == 1.0 and not c.model.frozen_bn
   c.optimizer.lr = 1e-9
   ft, ft_eval = train.train_and_evaluate(c, str(tmp_path / "ft"), devices=jax.devices()[:1])
   _assert_same(ft.extra["batch_stats"], stats, rtol=0, atol=0)
