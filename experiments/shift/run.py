@@ -19,6 +19,9 @@ Writes seed<N>.json (per seed, as it finishes), summary.json and table.md to --o
 experiments/shift/shift.png; --report_only redoes the tables and plot from summary.json.
 Command (results: experiments/RESULTS.md, "Transfer under covariate shift"):
   python experiments/shift/run.py --out=workdirs/shift
+Test-time arms against the test batch size (the same trained models, one run per batch):
+  for b in 8 16 64; do python experiments/shift/run.py --out=workdirs/shift_b$b --test_batch=$b; done
+  python experiments/shift/run.py --batch_sweep=workdirs/shift_b8,workdirs/shift_b16,workdirs/shift_b64
 """
 from __future__ import annotations
 
@@ -104,9 +107,14 @@ def main():
   p.add_argument("--data_dir", default="")
   p.add_argument("--report_only", action="store_true",
                  help="rewrite table.md and the plot from --out's summary.json; train nothing")
+  p.add_argument("--batch_sweep", default="",
+                 help="comma-separated --out dirs of runs that differ only in --test_batch: "
+                      "print the test-time arms against the batch size; train nothing")
   args = p.parse_args()
-  os.makedirs(args.out, exist_ok=True)
   seeds = [int(s) for s in args.seeds.split(",")]
+  if args.batch_sweep:
+    return print(batch_sweep(args.batch_sweep.split(","), seeds))
+  os.makedirs(args.out, exist_ok=True)
   if args.report_only:
     with open(os.path.join(args.out, "summary.json")) as f:
       summary = json.load(f)
@@ -129,6 +137,33 @@ def main():
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=float)
   write_report(summary, seeds, args.out)
+
+
+def batch_sweep(outs, seeds) -> str:
+  """The test-time arms against the test batch size: one run.py --out per batch size (the
+  same seeds and settings but --test_batch, so the same trained source models). Per target and
+  batch: each arm's paired gain over source, and alpha-BN's over plain test-batch BN at
+  alpha = 0.5 (fixed in advance) and at the best alpha (chosen on the test labels: an upper
+  bound)."""
+  runs = []
+  for out in outs:
+    with open(os.path.join(out, "summary.json")) as f:
+      summary = json.load(f)
+    runs.append((summary["args"]["test_batch"], summary))
+  lines = ["| target | test batch | source | test_bn − source | α=0.5 − test_bn | best α − test_bn "
+           "(α) | tent − test_bn |", "|---|---|---|---|---|---|---|"]
+  cell = lambda d: f"{d.mean():+.3f} ({int((d > 0).sum())}/{len(d)})"
+  for dom in DOMAINS:
+    for batch, summary in sorted(runs, key=lambda r: r[0]):
+      tta = [summary["source"][str(s)]["test_time"][dom] for s in seeds]
+      acc = lambda arm: np.array([t[f"{arm}/accuracy"] for t in tta])
+      best = max(ALPHAS, key=lambda a: acc(f"alpha_{a:g}").mean())
+      lines.append(f"| {dom} | {batch} | {acc('source').mean():.3f} | "
+                   f"{cell(acc('test_bn') - acc('source'))} | "
+                   f"{cell(acc('alpha_0.5') - acc('test_bn'))} | "
+                   f"{cell(acc(f'alpha_{best:g}') - acc('test_bn'))} ({best:g}) | "
+                   f"{cell(acc('tent') - acc('test_bn'))} |")
+  return "\n".join(lines) + "\n"
 
 
 def write_report(summary, seeds, out):
