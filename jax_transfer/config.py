@@ -419,8 +419,7 @@ def init_from_export(c: ml_collections.ConfigDict, export_dir: str, *,
   c.model = ml_collections.ConfigDict(exported.model.to_dict())
   if num_classes is not None and not keep_head:
     c.model.num_classes = num_classes
-  for k, v in kept.items():
-    c.model[k] = v
+  c.model.update(kept)
   c.init.export_dir = export_dir
   c.init.load_regex = ".*"
   c.init.skip_regex = "^$" if keep_head else "^head/"

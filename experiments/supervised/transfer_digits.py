@@ -149,19 +149,20 @@ def main():
   export_lib.export_workdir(os.path.join(out, "pretrain"), export_dir)
   print(f"      digits 0-4 test accuracy {pre_acc:.3f}; exported to {export_dir}", flush=True)
 
-  arms = {"scratch": ("transfer", None), "finetune": ("transfer", export_dir),
-          "probe": ("probe", export_dir)}
+  # arm -> (config argument, init export, further overrides)
+  arms = {"scratch": ("transfer", None, {}), "finetune": ("transfer", export_dir, {}),
+          "probe": ("probe", export_dir, {})}
   if "frozen_bn" in pre_cfg.model:
     arms["probe_bn_updated"] = ("probe", export_dir, {"model.frozen_bn": False})
   print(f"[2/2] transfer to digits 5-9 with {args.shots} labels/class, "
         f"{args.transfer_steps} steps, {args.seeds} seeds...", flush=True)
   for seed in range(args.seeds):
-    for arm, (cfg_arg, init, *extra) in arms.items():
+    for arm, (cfg_arg, init, extra) in arms.items():
       c = get_config(cfg_arg)
       acc = run_arm(train, c, os.path.join(out, f"{arm}_seed{seed}"),
                     **{"seed": seed, "input.subset_seed": seed, "init.export_dir": init,
                        "input.examples_per_class": args.shots,
-                       "total_steps": args.transfer_steps, **(extra[0] if extra else {})})
+                       "total_steps": args.transfer_steps, **extra})
       print(f"      seed {seed} {arm:9s} test accuracy {acc:.3f}", flush=True)
 
   plot(out, list(arms), args.seeds)

@@ -17,8 +17,10 @@ Arguments (comma-separated, e.g. `:transfer,runlocal`):
 Command:
   python -m jax_transfer.main \
     --config=ml_collections_configs/supervised/digits_resnet.py --workdir=/tmp/digits_resnet
-Measured by experiments/supervised/transfer_digits.py --config=digits_resnet (RESULTS.md, "The
-same transfer with a BatchNorm ResNet-18"): 0-4 test accuracy 1.000; on 5-9 with 10 labels per
+Measured by `python experiments/supervised/transfer_digits.py --config=digits_resnet
+--out=workdirs/transfer_digits_resnet` (RESULTS.md, "The same transfer with a BatchNorm
+ResNet-18"; 1379 s for the pretraining and all 20 transfer runs on a 2-core AMD EPYC CPU, jax
+CPU): 0-4 test accuracy 1.000; on 5-9 with 10 labels per
 class, 5 seeds: 0.863 ± 0.017 from scratch, 0.890 ± 0.008 fine-tuned, probe 0.829 ± 0.024
 (0.792 ± 0.043 without frozen_bn). tests/test_resnet_bn.py runs `tiny,runlocal`.
 """
